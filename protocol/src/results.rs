@@ -1,0 +1,251 @@
+//! Results computed by a tenant job, as JSON.
+//!
+//! The same JSON object travels in a ZeroMQ result frame (engine → gateway), is sent unchanged
+//! to browsers inside a WebSocket `result` message, and is written to `results.<tenant>`.
+//! Every result names its tenant, stream, window bounds, the watermark it was computed at, the
+//! ownership epoch of the job that computed it and its sequence number in that job's output.
+//!
+//! ```json
+//! {"tenant":"acme","epoch":3,"seq":1042,"window_start_ms":938476800000,
+//!  "window_end_ms":938477100000,"watermark_ms":938477100000,
+//!  "stream":"topn","data":{"n":10,"pages":[{"page":"frontpage","views":412},
+//!  {"page":"news","views":198}]}}
+//! ```
+//!
+//! Receivers order results by `(epoch, seq)`: a result whose epoch is older than the newest
+//! epoch seen for the tenant, or whose `seq` is not above the last one delivered in the same
+//! epoch, is a duplicate or comes from a fenced-off engine, and is dropped.
+
+use serde::{Deserialize, Serialize};
+
+use crate::tenant::Tenant;
+
+/// The streams a job produces and a client can subscribe to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Page views per page per tick (1 s of event time).
+    PageViews,
+    /// Page views per page in a sliding window (default 5 min, sliding every 10 s).
+    Window,
+    /// The top-N pages of a sliding window.
+    TopN,
+    /// Session statistics: active, closed, bounce rate, new vs returning.
+    Sessions,
+    /// Cumulative totals since the job's first offset.
+    Totals,
+}
+
+impl Stream {
+    pub const ALL: [Stream; 5] = [
+        Stream::PageViews,
+        Stream::Window,
+        Stream::TopN,
+        Stream::Sessions,
+        Stream::Totals,
+    ];
+
+    /// The name used on the wire (`"pageviews"`, `"window"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::PageViews => "pageviews",
+            Stream::Window => "window",
+            Stream::TopN => "topn",
+            Stream::Sessions => "sessions",
+            Stream::Totals => "totals",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Stream> {
+        Stream::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// Views of one page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCount {
+    pub page: String,
+    pub views: u64,
+}
+
+/// Session statistics for one interval of event time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionStats {
+    /// Sessions open at the end of the interval.
+    pub active: u64,
+    /// Sessions opened during the interval.
+    pub opened: u64,
+    /// Sessions closed (inactivity gap passed) during the interval.
+    pub closed: u64,
+    /// Closed sessions with exactly one view.
+    pub bounces: u64,
+    /// `bounces / closed`, 0 when nothing closed.
+    pub bounce_rate: f64,
+    /// Opened sessions of visitors never seen before.
+    pub new_visitors: u64,
+    /// Opened sessions of visitors with history.
+    pub returning_visitors: u64,
+    /// Mean views per closed session.
+    pub avg_views: f64,
+    /// Mean duration (first to last view) per closed session, ms.
+    pub avg_duration_ms: f64,
+}
+
+/// Cumulative totals since the job's first offset; lets the outside check exactness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub views: u64,
+    pub pages: Vec<PageCount>,
+    pub sessions: u64,
+    pub returning_sessions: u64,
+    pub late: u64,
+    pub dead_lettered: u64,
+}
+
+/// What a result carries, tagged by its stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stream", content = "data", rename_all = "lowercase")]
+pub enum ResultBody {
+    PageViews { pages: Vec<PageCount> },
+    Window { pages: Vec<PageCount> },
+    TopN { n: u32, pages: Vec<PageCount> },
+    Sessions(SessionStats),
+    Totals(Totals),
+}
+
+impl ResultBody {
+    pub fn stream(&self) -> Stream {
+        match self {
+            ResultBody::PageViews { .. } => Stream::PageViews,
+            ResultBody::Window { .. } => Stream::Window,
+            ResultBody::TopN { .. } => Stream::TopN,
+            ResultBody::Sessions(_) => Stream::Sessions,
+            ResultBody::Totals(_) => Stream::Totals,
+        }
+    }
+}
+
+/// One result of a tenant job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultMsg {
+    pub tenant: Tenant,
+    pub epoch: u64,
+    pub seq: u64,
+    pub window_start_ms: i64,
+    pub window_end_ms: i64,
+    pub watermark_ms: i64,
+    #[serde(flatten)]
+    pub body: ResultBody,
+}
+
+impl ResultMsg {
+    pub fn stream(&self) -> Stream {
+        self.body.stream()
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data with string keys into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topn() -> ResultMsg {
+        ResultMsg {
+            tenant: Tenant::new("acme").unwrap(),
+            epoch: 3,
+            seq: 1042,
+            window_start_ms: 938_476_800_000,
+            window_end_ms: 938_477_100_000,
+            watermark_ms: 938_477_100_000,
+            body: ResultBody::TopN {
+                n: 10,
+                pages: vec![
+                    PageCount {
+                        page: "frontpage".into(),
+                        views: 412,
+                    },
+                    PageCount {
+                        page: "news".into(),
+                        views: 198,
+                    },
+                ],
+            },
+        }
+    }
+
+    #[test]
+    fn documented_json_example_parses_to_the_same_message() {
+        let doc = r#"{"tenant":"acme","epoch":3,"seq":1042,"window_start_ms":938476800000,
+            "window_end_ms":938477100000,"watermark_ms":938477100000,
+            "stream":"topn","data":{"n":10,"pages":[{"page":"frontpage","views":412},
+            {"page":"news","views":198}]}}"#;
+        let parsed: ResultMsg = serde_json::from_str(doc).unwrap();
+        assert_eq!(parsed, topn());
+        assert_eq!(parsed.stream(), Stream::TopN);
+    }
+
+    #[test]
+    fn every_stream_round_trips() {
+        let stats = SessionStats {
+            active: 5,
+            opened: 2,
+            closed: 4,
+            bounces: 1,
+            bounce_rate: 0.25,
+            new_visitors: 1,
+            returning_visitors: 1,
+            avg_views: 3.5,
+            avg_duration_ms: 12_000.0,
+        };
+        let totals = Totals {
+            views: 10,
+            pages: vec![PageCount {
+                page: "news".into(),
+                views: 10,
+            }],
+            sessions: 3,
+            returning_sessions: 1,
+            late: 0,
+            dead_lettered: 2,
+        };
+        let bodies = vec![
+            ResultBody::PageViews { pages: vec![] },
+            ResultBody::Window {
+                pages: vec![PageCount {
+                    page: "tech".into(),
+                    views: 1,
+                }],
+            },
+            ResultBody::TopN {
+                n: 3,
+                pages: vec![],
+            },
+            ResultBody::Sessions(stats),
+            ResultBody::Totals(totals),
+        ];
+        for body in bodies {
+            let msg = ResultMsg { body, ..topn() };
+            let json = msg.to_json();
+            let back: ResultMsg = serde_json::from_slice(&json).unwrap();
+            assert_eq!(back, msg);
+            let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            assert_eq!(value["stream"], msg.stream().as_str());
+        }
+    }
+
+    #[test]
+    fn stream_names_parse_back() {
+        for s in Stream::ALL {
+            assert_eq!(Stream::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(Stream::parse("nope"), None);
+    }
+}

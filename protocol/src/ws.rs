@@ -1,0 +1,241 @@
+//! WebSocket messages between a browser and a gateway (JSON text frames), and close codes.
+//!
+//! The client authenticates *before* the upgrade (tenant token in `Sec-WebSocket-Protocol` or
+//! the `token` query parameter); a missing, bad or expired token is an HTTP 401, never a socket.
+//!
+//! Client → gateway, tagged by `type`:
+//!
+//! ```json
+//! {"type":"subscribe","streams":["pageviews","topn"],"max_rate_hz":4}
+//! {"type":"unsubscribe","streams":["topn"]}
+//! ```
+//!
+//! Gateway → client:
+//!
+//! ```json
+//! {"type":"welcome","tenant":"acme","client":"c-17","gateway":"gw-1","streams":["pageviews","window","topn","sessions","totals"]}
+//! {"type":"result","snapshot":true,"result":{"tenant":"acme","epoch":1,"seq":5,…}}
+//! {"type":"error","code":"bad_message","message":"expected a JSON object with a \"type\""}
+//! ```
+//!
+//! On `subscribe`, the latest result of each stream is sent at once with `"snapshot": true`,
+//! then live results with `"snapshot": false`. `max_rate_hz` caps how often one stream is sent
+//! to this client; newer results replace unsent older ones of the same stream.
+
+use serde::{Deserialize, Serialize};
+
+use crate::results::{ResultMsg, Stream};
+use crate::tenant::Tenant;
+
+/// A message from a browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMsg {
+    Subscribe {
+        streams: Vec<Stream>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rate_hz: Option<f64>,
+    },
+    Unsubscribe {
+        streams: Vec<Stream>,
+    },
+}
+
+/// Machine-readable error codes of an `error` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, or JSON that is not a known client message.
+    BadMessage,
+    /// A known message with an invalid value (e.g. a negative rate).
+    BadValue,
+    /// Binary frames are not part of the protocol.
+    BinaryNotSupported,
+}
+
+/// A message to a browser.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Welcome {
+        tenant: Tenant,
+        client: String,
+        gateway: String,
+        streams: Vec<Stream>,
+    },
+    Result {
+        snapshot: bool,
+        result: ResultMsg,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// WebSocket close codes used by clickpulse, and whether a client should reconnect.
+///
+/// | code | name            | meaning                                                | reconnect      |
+/// |------|-----------------|--------------------------------------------------------|----------------|
+/// | 1000 | normal          | the client asked to close                              | no             |
+/// | 1001 | going away      | the gateway is shutting down                           | yes, backoff   |
+/// | 1008 | policy          | token expired or rights revoked while connected        | with new token |
+/// | 1009 | too big         | a frame over the gateway's size limit                  | fix the client |
+/// | 1011 | internal error  | the gateway failed while serving this client           | yes, backoff   |
+/// | 4000 | slow consumer   | the client could not keep up for too long              | yes, backoff   |
+/// | 4001 | idle timeout    | no pong within the idle timeout                        | yes            |
+/// | 4002 | over capacity   | connection limits reached                              | yes, backoff   |
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum CloseCode {
+    Normal = 1000,
+    GoingAway = 1001,
+    Policy = 1008,
+    TooBig = 1009,
+    InternalError = 1011,
+    SlowConsumer = 4000,
+    IdleTimeout = 4001,
+    OverCapacity = 4002,
+}
+
+impl CloseCode {
+    pub const ALL: [CloseCode; 8] = [
+        CloseCode::Normal,
+        CloseCode::GoingAway,
+        CloseCode::Policy,
+        CloseCode::TooBig,
+        CloseCode::InternalError,
+        CloseCode::SlowConsumer,
+        CloseCode::IdleTimeout,
+        CloseCode::OverCapacity,
+    ];
+
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    pub fn from_code(code: u16) -> Option<CloseCode> {
+        CloseCode::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// Whether a client should reconnect (with backoff) after this close.
+    pub fn retry_allowed(self) -> bool {
+        matches!(
+            self,
+            CloseCode::GoingAway
+                | CloseCode::InternalError
+                | CloseCode::SlowConsumer
+                | CloseCode::IdleTimeout
+                | CloseCode::OverCapacity
+        )
+    }
+
+    /// The close reason text sent with the code.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::Normal => "normal closure",
+            CloseCode::GoingAway => "gateway shutting down",
+            CloseCode::Policy => "token no longer valid",
+            CloseCode::TooBig => "frame too large",
+            CloseCode::InternalError => "internal error",
+            CloseCode::SlowConsumer => "slow consumer",
+            CloseCode::IdleTimeout => "idle timeout",
+            CloseCode::OverCapacity => "over capacity",
+        }
+    }
+}
+
+/// The WebSocket subprotocol a browser offers next to its token:
+/// `Sec-WebSocket-Protocol: clickpulse.v1, <token>`; the gateway answers `clickpulse.v1`.
+pub const SUBPROTOCOL: &str = "clickpulse.v1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::ResultBody;
+
+    #[test]
+    fn documented_client_examples_parse() {
+        let sub: ClientMsg = serde_json::from_str(
+            r#"{"type":"subscribe","streams":["pageviews","topn"],"max_rate_hz":4}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sub,
+            ClientMsg::Subscribe {
+                streams: vec![Stream::PageViews, Stream::TopN],
+                max_rate_hz: Some(4.0)
+            }
+        );
+        let unsub: ClientMsg =
+            serde_json::from_str(r#"{"type":"unsubscribe","streams":["topn"]}"#).unwrap();
+        assert_eq!(
+            unsub,
+            ClientMsg::Unsubscribe {
+                streams: vec![Stream::TopN]
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_or_malformed_client_messages_are_errors() {
+        for bad in [
+            r#"{"type":"launch"}"#,
+            r#"{"streams":["topn"]}"#,
+            r#"{"type":"subscribe","streams":["weather"]}"#,
+            r#"{"type":"subscribe","streams":[],"extra":1}"#,
+            "not json",
+        ] {
+            assert!(
+                serde_json::from_str::<ClientMsg>(bad).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        let msgs = vec![
+            ServerMsg::Welcome {
+                tenant: Tenant::new("acme").unwrap(),
+                client: "c-17".into(),
+                gateway: "gw-1".into(),
+                streams: Stream::ALL.to_vec(),
+            },
+            ServerMsg::Result {
+                snapshot: true,
+                result: ResultMsg {
+                    tenant: Tenant::new("acme").unwrap(),
+                    epoch: 1,
+                    seq: 5,
+                    window_start_ms: 0,
+                    window_end_ms: 1000,
+                    watermark_ms: 1000,
+                    body: ResultBody::TopN {
+                        n: 10,
+                        pages: vec![],
+                    },
+                },
+            },
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                message: "x".into(),
+            },
+        ];
+        for msg in msgs {
+            let json = serde_json::to_string(&msg).unwrap();
+            assert_eq!(serde_json::from_str::<ServerMsg>(&json).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn close_codes_are_distinct_and_documented() {
+        for c in CloseCode::ALL {
+            assert_eq!(CloseCode::from_code(c.code()), Some(c));
+            assert!(!c.reason().is_empty());
+        }
+        assert!(CloseCode::SlowConsumer.retry_allowed());
+        assert!(!CloseCode::TooBig.retry_allowed());
+        assert_eq!(CloseCode::from_code(4999), None);
+    }
+}

@@ -1,0 +1,61 @@
+//! Test fixtures shared by every crate's integration tests and benchmarks: a private ZooKeeper
+//! and a private Kafka-protocol broker, each on a free loopback port in its own temp dir,
+//! ready when returned and stopped (SIGKILL, reaped) when dropped.
+//!
+//! ```text
+//!  test ──ZooKeeper::start()──▶ java QuorumPeerMain  127.0.0.1:<free>  (temp dataDir, ruok-checked)
+//!       ──Broker::start()─────▶ tansu broker         127.0.0.1:<free>  (memory storage, metadata-checked)
+//! ```
+//!
+//! `CLICKPULSE_ZK=host:port` and `CLICKPULSE_KAFKA=host:port` select external servers instead;
+//! tests then isolate themselves by unique names ([`unique_name`]) for ZooKeeper roots and topics.
+//! A missing binary is an error that says to run `scripts/setup`.
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod process;
+pub mod zookeeper;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+pub use broker::Broker;
+pub use zookeeper::{ZkOptions, ZooKeeper};
+
+/// Why a fixture could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("{what} is not installed (looked at {looked}): run scripts/setup")]
+    Missing { what: &'static str, looked: String },
+    #[error("{what}: I/O error")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} exited during start-up ({status}); its log ends with:\n{log_tail}")]
+    Exited {
+        what: &'static str,
+        status: String,
+        log_tail: String,
+    },
+    #[error("{what} was not ready after {waited:?}; its log ends with:\n{log_tail}")]
+    NotReady {
+        what: &'static str,
+        waited: Duration,
+        log_tail: String,
+    },
+    #[error("fixture configuration: {0}")]
+    Config(String),
+}
+
+/// A name unique to this test process and call: `<prefix>-<pid>-<n>`, lower-case, safe as a
+/// tenant name, topic suffix or znode name.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}

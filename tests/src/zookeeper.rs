@@ -1,0 +1,224 @@
+//! A private ZooKeeper server (Debian's package, run directly with our own config).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::FixtureError;
+use crate::process::{Daemon, free_port};
+
+/// Where Debian's `zookeeper` package puts its jar.
+pub const DEFAULT_ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
+/// How long a server may take to start serving.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Settings of a private server.
+#[derive(Debug, Clone)]
+pub struct ZkOptions {
+    /// Port to listen on; `None` picks a free one.
+    pub port: Option<u16>,
+    /// ZooKeeper's tick; session timeouts are 2 to 20 ticks. Short ticks make session-expiry
+    /// tests fast.
+    pub tick_ms: u32,
+}
+
+impl Default for ZkOptions {
+    fn default() -> Self {
+        ZkOptions {
+            port: None,
+            tick_ms: 500,
+        }
+    }
+}
+
+/// A ZooKeeper to test against: private (started here, stopped on drop) or external
+/// (`CLICKPULSE_ZK=host:port`).
+#[derive(Debug)]
+pub struct ZooKeeper {
+    connect: String,
+    private: Option<Private>,
+}
+
+#[derive(Debug)]
+struct Private {
+    dir: TempDir,
+    port: u16,
+    daemon: Option<Daemon>,
+}
+
+impl ZooKeeper {
+    /// The server named by `CLICKPULSE_ZK`, or a private one.
+    pub fn start() -> Result<Self, FixtureError> {
+        match std::env::var("CLICKPULSE_ZK") {
+            Ok(connect) if !connect.is_empty() => Ok(ZooKeeper {
+                connect,
+                private: None,
+            }),
+            _ => Self::start_private(ZkOptions::default()),
+        }
+    }
+
+    /// Always a private server (for tests that stop and restart it).
+    pub fn start_private(options: ZkOptions) -> Result<Self, FixtureError> {
+        let jar = zk_jar()?;
+        which("java", "Java")?;
+        let dir = tempfile::Builder::new()
+            .prefix("clickpulse-zk-")
+            .tempdir()
+            .map_err(|source| FixtureError::Io {
+                what: "ZooKeeper data dir",
+                source,
+            })?;
+        let port = match options.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        write_config(dir.path(), port, options.tick_ms)?;
+        let mut zk = ZooKeeper {
+            connect: format!("127.0.0.1:{port}"),
+            private: Some(Private {
+                dir,
+                port,
+                daemon: None,
+            }),
+        };
+        zk.launch(&jar)?;
+        Ok(zk)
+    }
+
+    fn launch(&mut self, jar: &Path) -> Result<(), FixtureError> {
+        let Some(private) = &mut self.private else {
+            return Ok(());
+        };
+        let cfg = private.dir.path().join("zoo.cfg");
+        let classpath = format!(
+            "{}:{}/*:/etc/zookeeper/conf",
+            jar.display(),
+            jar.parent()
+                .unwrap_or(Path::new("/usr/share/java"))
+                .display()
+        );
+        let mut cmd = Command::new("java");
+        cmd.args(["-Xmx256m", "-XX:+UseSerialGC", "-Xss512k"])
+            .arg(format!(
+                "-Dzookeeper.log.dir={}",
+                private.dir.path().display()
+            ))
+            .arg("-Dzookeeper.root.logger=INFO,CONSOLE")
+            .args(["-cp", &classpath])
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&cfg);
+        let mut daemon =
+            Daemon::spawn("ZooKeeper", cmd, &private.dir.path().join("zookeeper.log"))?;
+        let addr: SocketAddr = ([127, 0, 0, 1], private.port).into();
+        // `ruok` answers before the server serves sessions; `srvr` reports a mode only once it
+        // does.
+        daemon.wait_ready(READY_TIMEOUT, || {
+            four_letter(&addr, "srvr").is_ok_and(|r| r.contains("Mode: "))
+        })?;
+        private.daemon = Some(daemon);
+        Ok(())
+    }
+
+    /// `host:port` for clients.
+    pub fn connect_string(&self) -> &str {
+        &self.connect
+    }
+
+    /// The server's pid, for a private server that is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.private.as_ref()?.daemon.as_ref().map(Daemon::pid)
+    }
+
+    pub fn is_private(&self) -> bool {
+        self.private.is_some()
+    }
+
+    /// Kills a private server (SIGKILL), keeping its data for [`ZooKeeper::restart`].
+    pub fn kill(&mut self) {
+        if let Some(p) = &mut self.private {
+            p.daemon.take();
+        }
+    }
+
+    /// Starts a killed private server again on the same port and data.
+    pub fn restart(&mut self) -> Result<(), FixtureError> {
+        let jar = zk_jar()?;
+        self.kill();
+        self.launch(&jar)
+    }
+
+    /// Sends a four-letter command (`ruok`, `mntr`, `dump`, …) and returns the answer.
+    pub fn four_letter(&self, command: &str) -> Result<String, FixtureError> {
+        let addr = self.connect.parse::<SocketAddr>().map_err(|e| {
+            FixtureError::Config(format!("ZooKeeper address {:?}: {e}", self.connect))
+        })?;
+        four_letter(&addr, command).map_err(|source| FixtureError::Io {
+            what: "ZooKeeper four-letter command",
+            source,
+        })
+    }
+}
+
+fn four_letter(addr: &SocketAddr, command: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.write_all(command.as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+fn write_config(dir: &Path, port: u16, tick_ms: u32) -> Result<(), FixtureError> {
+    let data = dir.join("data");
+    let cfg = format!(
+        "tickTime={tick_ms}\n\
+         dataDir={}\n\
+         clientPort={port}\n\
+         clientPortAddress=127.0.0.1\n\
+         maxClientCnxns=0\n\
+         admin.enableServer=false\n\
+         4lw.commands.whitelist=ruok,mntr,srvr,stat,dump,wchc,cons\n\
+         minSessionTimeout={}\n\
+         maxSessionTimeout=60000\n",
+        data.display(),
+        2 * tick_ms
+    );
+    std::fs::create_dir_all(&data)
+        .and_then(|()| std::fs::write(dir.join("zoo.cfg"), cfg))
+        .map_err(|source| FixtureError::Io {
+            what: "ZooKeeper config",
+            source,
+        })
+}
+
+fn zk_jar() -> Result<PathBuf, FixtureError> {
+    let jar = std::env::var_os("CLICKPULSE_ZK_JAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ZK_JAR));
+    if jar.is_file() {
+        Ok(jar)
+    } else {
+        Err(FixtureError::Missing {
+            what: "ZooKeeper",
+            looked: jar.display().to_string(),
+        })
+    }
+}
+
+/// Finds `program` on PATH.
+fn which(program: &str, what: &'static str) -> Result<PathBuf, FixtureError> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+        .ok_or(FixtureError::Missing {
+            what,
+            looked: format!("{program} on PATH"),
+        })
+}

@@ -66,7 +66,7 @@ mod tests {
             .collect();
         for (i, gap) in gaps.iter().enumerate() {
             let j = i as u32 + 1;
-            if j % 25 == 0 {
+            if j.is_multiple_of(25) {
                 assert_eq!(*gap, 2_410_000, "gap before view {j}");
                 assert!(*gap > 30 * 60 * 1000);
             } else {

@@ -76,7 +76,9 @@ impl Source {
     pub fn open(&self, limit: Option<u64>) -> Result<Users, DatasetError> {
         let inner = match self {
             Source::File(path) => Inner::File(FileUsers::open(path)?),
-            Source::Synthetic { users, seed } => Inner::Synthetic(Synthetic::new(*users, *seed)),
+            Source::Synthetic { users, seed } => {
+                Inner::Synthetic(Box::new(Synthetic::new(*users, *seed)))
+            }
         };
         Ok(Users {
             inner,
@@ -102,7 +104,8 @@ pub struct Users {
 
 enum Inner {
     File(FileUsers),
-    Synthetic(Synthetic),
+    // Boxed: the generator's RNG state dwarfs the file reader.
+    Synthetic(Box<Synthetic>),
 }
 
 impl Users {

@@ -223,7 +223,7 @@ impl KafkaSink {
             }
         }
         self.sent += 1;
-        if self.sent % 4096 == 0 {
+        if self.sent.is_multiple_of(4096) {
             self.producer.poll(Duration::ZERO);
             self.check_failures()?;
         }

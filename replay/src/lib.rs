@@ -77,8 +77,15 @@ pub enum ReplayError {
     Config(String),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
+    /// Boxed: Kafka errors are large, and this travels in every `Result` of the replay.
     #[error(transparent)]
-    Kafka(#[from] KafkaSinkError),
+    Kafka(Box<KafkaSinkError>),
+}
+
+impl From<KafkaSinkError> for ReplayError {
+    fn from(e: KafkaSinkError) -> Self {
+        ReplayError::Kafka(Box::new(e))
+    }
 }
 
 /// What was replayed for one tenant.

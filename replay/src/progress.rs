@@ -73,13 +73,13 @@ impl Progress {
     pub(crate) fn update(&mut self, done: u64, event_time_ms: i64) {
         match &mut self.mode {
             Mode::Bar(bar) => {
-                if done % BAR_BATCH == 0 {
+                if done.is_multiple_of(BAR_BATCH) {
                     bar.set_position(done);
                     bar.set_message(format!("event time {}", format_time(Some(event_time_ms))));
                 }
             }
             Mode::Lines { last } => {
-                if done % 1024 == 0 && last.elapsed() >= LINE_EVERY {
+                if done.is_multiple_of(1024) && last.elapsed() >= LINE_EVERY {
                     *last = Instant::now();
                     let elapsed = self.started.elapsed().as_secs_f64();
                     let rate = done as f64 / elapsed.max(1e-9);

@@ -1,4 +1,5 @@
 //! The fixtures themselves: they start real servers, and leave no process behind.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
 
 use std::time::{Duration, Instant};
 

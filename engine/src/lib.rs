@@ -1,0 +1,27 @@
+//! The engine: per-tenant event-time aggregations over the click stream.
+//!
+//! ```text
+//!            ┌──────────────────────── job (async shell: Kafka in, results out) ───────────────────────┐
+//!  Kafka     │                                                                                          │  ResultSink
+//!  clicks.t ─┼─▶ decode ─▶ Pipeline::on_click ─▶ watermark ─▶ reorder ─▶ ticks · window/top-N · sessions ─┼─▶ (ZeroMQ, tests)
+//!            │   (bad → dead letter)            (per partition)          │                  │            │
+//!            └───────────────────────────────────────────────────────── history: Bloom ─▶ redb ────────┘
+//! ```
+//!
+//! The operators (`window`, `sessions`, `history`, `watermark`, composed by `pipeline`) are
+//! plain structs without I/O of their own: they are property-tested against a naive oracle and
+//! benchmarked without Kafka. The visitor-history store is injected (on disk in a job, in
+//! memory in tests). `job` is the async wrapper.
+#![forbid(unsafe_code)]
+
+pub mod bloom;
+pub mod config;
+pub mod history;
+pub mod pipeline;
+pub mod sessions;
+pub mod watermark;
+pub mod window;
+
+pub use config::OperatorConfig;
+pub use history::{History, HistoryStore, MemStore, RedbStore};
+pub use pipeline::{Admission, EngineError, Pipeline, PipelineState};

@@ -1,15 +1,17 @@
 //! A Bloom filter over visitor ids: "never seen" answers skip the history store.
 //!
-//! Standard construction: m bits, k probes by double hashing of one 64-bit mix of the id
-//! (Kirsch–Mitzenmacher). Serializable so a checkpoint carries it.
+//! A *blocked* Bloom filter: the id's hash picks one 512-bit block (a cache line) and the k
+//! probes (double hashing, Kirsch–Mitzenmacher) all fall inside it, so a lookup costs one cache
+//! miss instead of k. Blocks cost a little false-positive rate, bought back with ~40 % more
+//! bits than a classic filter. Serializable so a checkpoint carries it.
 
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bloom {
     bits: Vec<u64>,
-    /// Number of bits (a power of two, so probes reduce with a mask).
-    m: u64,
+    /// Number of 512-bit blocks (a power of two, so the block index is a mask).
+    blocks: u64,
     k: u32,
 }
 
@@ -22,45 +24,47 @@ fn mix(x: u64) -> u64 {
 }
 
 impl Bloom {
-    /// A filter for `expected` items at false-positive rate `fp`.
+    /// A filter for `expected` items at about false-positive rate `fp`.
     pub fn new(expected: u64, fp: f64) -> Self {
         let n = expected.max(1) as f64;
-        let ideal_m = -(n * fp.ln()) / (std::f64::consts::LN_2 * std::f64::consts::LN_2);
-        let m = (ideal_m.ceil() as u64).max(64).next_power_of_two();
-        let k = ((m as f64 / n) * std::f64::consts::LN_2)
-            .round()
-            .clamp(1.0, 16.0) as u32;
+        let ln2 = std::f64::consts::LN_2;
+        // Classic sizing, plus 40 % for blocking; whole blocks, a power of two of them.
+        let bits = -(n * fp.ln()) / (ln2 * ln2) * 1.4;
+        let blocks = ((bits / 512.0).ceil() as u64).max(1).next_power_of_two();
+        let k = ((-fp.ln() / ln2).round() as u32).clamp(1, 16);
         Bloom {
-            bits: vec![0; (m / 64) as usize],
-            m,
+            bits: vec![0; (blocks * 8) as usize],
+            blocks,
             k,
         }
     }
 
-    /// Bit index of probe `i` for an item's hash pair.
-    fn probe(&self, (h1, h2): (u64, u64), i: u32) -> u64 {
-        h1.wrapping_add(u64::from(i).wrapping_mul(h2)) & (self.m - 1)
+    /// The first word of the item's block, and the two probe hashes.
+    fn locate(&self, item: u64) -> (usize, u32, u32) {
+        let h = mix(item);
+        let block = (h >> 40) & (self.blocks - 1);
+        ((block * 8) as usize, h as u32, ((h >> 20) as u32) | 1)
     }
 
-    fn hashes(item: u64) -> (u64, u64) {
-        let h = mix(item);
-        (h & 0xffff_ffff, (h >> 32) | 1)
+    fn bit(h1: u32, h2: u32, i: u32) -> (usize, u64) {
+        let b = h1.wrapping_add(i.wrapping_mul(h2)) & 511;
+        ((b / 64) as usize, 1u64 << (b % 64))
     }
 
     pub fn insert(&mut self, item: u64) {
-        let h = Self::hashes(item);
+        let (base, h1, h2) = self.locate(item);
         for i in 0..self.k {
-            let bit = self.probe(h, i);
-            self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+            let (word, mask) = Self::bit(h1, h2, i);
+            self.bits[base + word] |= mask;
         }
     }
 
     /// False means certainly never inserted.
     pub fn may_contain(&self, item: u64) -> bool {
-        let h = Self::hashes(item);
+        let (base, h1, h2) = self.locate(item);
         (0..self.k).all(|i| {
-            let bit = self.probe(h, i);
-            self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+            let (word, mask) = Self::bit(h1, h2, i);
+            self.bits[base + word] & mask != 0
         })
     }
 
@@ -85,6 +89,6 @@ mod tests {
             .filter(|v| bloom.may_contain(*v))
             .count();
         let rate = fp as f64 / 100_000.0;
-        assert!(rate < 0.02, "false-positive rate {rate}");
+        assert!(rate < 0.015, "false-positive rate {rate} for a 1 % filter");
     }
 }

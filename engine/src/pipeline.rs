@@ -17,8 +17,7 @@
 //! and it is final when emitted: its `watermark_ms` is the event time up to which its input was
 //! complete (the window end). Results are numbered 1, 2, 3… in emission order (`seq`).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 
 use clickpulse_protocol::pages::PAGE_COUNT;
 use clickpulse_protocol::results::{ResultBody, ResultMsg, Totals};
@@ -82,7 +81,9 @@ struct TotalCounts {
 pub struct PipelineState {
     config: OperatorConfig,
     watermark: Watermark,
-    buffer: BinaryHeap<Reverse<Pending>>,
+    /// Accepted events not yet released, sorted by (time, visitor, page). Input is nearly in
+    /// order, so an arrival is almost always an append and a release a pop from the front.
+    buffer: VecDeque<Pending>,
     ticks: Ticks,
     window: SlidingWindow,
     sessions: Sessions,
@@ -102,12 +103,6 @@ pub struct Pipeline<S> {
     out: Vec<ResultMsg>,
 }
 
-enum Instant {
-    Boundary(i64),
-    Timer,
-    Event,
-}
-
 impl<S: HistoryStore> Pipeline<S> {
     pub fn new(
         tenant: Tenant,
@@ -119,7 +114,7 @@ impl<S: HistoryStore> Pipeline<S> {
         config.validate()?;
         let state = PipelineState {
             watermark: Watermark::new(partitions, config.allowed_lateness_ms),
-            buffer: BinaryHeap::new(),
+            buffer: VecDeque::new(),
             ticks: Ticks::new(config.tick_ms),
             window: SlidingWindow::new(config.window_ms, config.slide_ms),
             sessions: Sessions::new(config.session_gap_ms),
@@ -206,11 +201,17 @@ impl<S: HistoryStore> Pipeline<S> {
             s.totals.late += 1;
             return Ok(Admission::Late);
         }
-        s.buffer.push(Reverse(Pending {
+        let pending = Pending {
             time_ms,
             visitor,
             page: index as u8,
-        }));
+        };
+        if s.buffer.back().is_none_or(|last| *last <= pending) {
+            s.buffer.push_back(pending);
+        } else {
+            let at = s.buffer.partition_point(|p| *p <= pending);
+            s.buffer.insert(at, pending);
+        }
         s.newest_ms = s.newest_ms.max(time_ms);
         if s.watermark.observe(partition, time_ms) {
             self.drain()?;
@@ -290,38 +291,43 @@ impl<S: HistoryStore> Pipeline<S> {
     fn drain(&mut self) -> Result<(), EngineError> {
         let w = self.state.watermark.current();
         loop {
+            // Events strictly before the next boundary and timer go first, in a tight loop:
+            // that is nearly every instant. A release can open a tick or a slide or arm a
+            // timer, so both are looked up again after each one.
+            while let Some(t) = self.state.buffer.front().map(|p| p.time_ms) {
+                let before_boundary = self.next_boundary().is_none_or(|b| t < b);
+                let before_timer = self.state.sessions.next_timer().is_none_or(|c| t < c);
+                if t >= w || !before_boundary || !before_timer {
+                    break;
+                }
+                self.release()?;
+            }
+            // Then the earliest boundary or timer; at equal times the boundary first.
             let boundary = self.next_boundary().filter(|b| *b <= w);
             let timer = self.state.sessions.next_timer().filter(|c| *c <= w);
-            let event = self
-                .state
-                .buffer
-                .peek()
-                .map(|Reverse(p)| p.time_ms)
-                .filter(|t| *t < w);
-            // The earliest instant; at equal times boundaries, then timers, then events.
-            let next = [
-                boundary.map(|t| (t, 0, Instant::Boundary(t))),
-                timer.map(|t| (t, 1, Instant::Timer)),
-                event.map(|t| (t, 2, Instant::Event)),
-            ]
-            .into_iter()
-            .flatten()
-            .min_by_key(|(t, kind, _)| (*t, *kind));
-            match next.map(|(_, _, i)| i) {
-                None => return Ok(()),
-                Some(Instant::Boundary(t)) => self.on_boundary(t),
-                Some(Instant::Timer) => self
+            match (boundary, timer) {
+                (None, None) => {
+                    // Only events can remain, and none is final.
+                    if self.state.buffer.front().is_none_or(|p| p.time_ms >= w) {
+                        return Ok(());
+                    }
+                }
+                (Some(b), Some(c)) if c < b => self
                     .state
                     .sessions
                     .fire_timer(&mut self.state.history, &mut self.store)?,
-                Some(Instant::Event) => self.release()?,
+                (Some(b), _) => self.on_boundary(b),
+                (None, Some(_)) => self
+                    .state
+                    .sessions
+                    .fire_timer(&mut self.state.history, &mut self.store)?,
             }
         }
     }
 
     fn release(&mut self) -> Result<(), EngineError> {
         let s = &mut self.state;
-        let Some(Reverse(p)) = s.buffer.pop() else {
+        let Some(p) = s.buffer.pop_front() else {
             return Ok(());
         };
         let page = usize::from(p.page);

@@ -26,7 +26,7 @@ pub fn to_page_counts(counts: &PageCounts) -> Vec<PageCount> {
         .enumerate()
         .filter(|(_, v)| **v > 0)
         .map(|(i, v)| PageCount {
-            page: page_name(PageId(i as u16 + 1)).unwrap_or("?").to_owned(),
+            page: page_name(PageId(i as u16 + 1)).unwrap_or("?").into(),
             views: *v,
         })
         .collect()
@@ -154,7 +154,7 @@ mod tests {
         c[13] = 5; // sports
         let top: Vec<(String, u64)> = top_n(&c, 3)
             .into_iter()
-            .map(|p| (p.page, p.views))
+            .map(|p| (p.page.into_owned(), p.views))
             .collect();
         assert_eq!(
             top,

@@ -16,6 +16,8 @@
 //! epoch seen for the tenant, or whose `seq` is not above the last one delivered in the same
 //! epoch, is a duplicate or comes from a fenced-off engine, and is dropped.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::tenant::Tenant;
@@ -61,10 +63,11 @@ impl Stream {
     }
 }
 
-/// Views of one page.
+/// Views of one page. The name borrows from the page catalogue when it can, so building a
+/// result allocates no strings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageCount {
-    pub page: String,
+    pub page: Cow<'static, str>,
     pub views: u64,
 }
 

@@ -42,7 +42,7 @@ fn named(counts: &[u64; PAGE_COUNT]) -> Vec<PageCount> {
     (0..PAGE_COUNT)
         .filter(|i| counts[*i] > 0)
         .map(|i| PageCount {
-            page: page_name(PageId(i as u16 + 1)).unwrap().to_owned(),
+            page: page_name(PageId(i as u16 + 1)).unwrap().into(),
             views: counts[i],
         })
         .collect()

@@ -17,6 +17,7 @@
 pub mod bloom;
 pub mod config;
 pub mod history;
+pub mod job;
 pub mod pipeline;
 pub mod sessions;
 pub mod watermark;

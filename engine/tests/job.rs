@@ -1,0 +1,206 @@
+//! A job on the real broker: it computes what the pipeline computes in memory from the same
+//! records, counts malformed records and keeps going, and stops on shutdown.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
+
+use std::time::Duration;
+
+use clickpulse_engine::job::{JobConfig, StartFrom, run_job};
+use clickpulse_engine::{MemStore, OperatorConfig, Pipeline};
+use clickpulse_protocol::click::ClickRef;
+use clickpulse_protocol::clock::DEFAULT_T0_MS;
+use clickpulse_protocol::results::{ResultBody, ResultMsg};
+use clickpulse_protocol::{Tenant, topics};
+use clickpulse_replay::{KafkaConfig, ProgressMode, ReplayConfig, Source, Speed};
+use clickpulse_tests::{Broker, unique_name};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+fn replay(broker: &Broker, tenant: &Tenant, users: u64) {
+    let config = ReplayConfig {
+        source: Source::Synthetic { users, seed: 11 },
+        kafka: KafkaConfig {
+            brokers: broker.bootstrap().to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            delivery_timeout: Duration::from_secs(30),
+        },
+        tenants: vec![tenant.clone()],
+        limit: None,
+        speed: Speed::Max,
+        t0_ms: DEFAULT_T0_MS,
+        partitions: 3,
+        replication_factor: 1,
+        progress: ProgressMode::Quiet,
+    };
+    clickpulse_replay::run(&config, &CancellationToken::new()).unwrap();
+}
+
+/// Every record of the topic: reads until nothing came for two seconds.
+fn read_back(broker: &Broker, topic: &str) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", unique_name("readback"))
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..3 {
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = std::time::Instant::now();
+    while last.elapsed() < Duration::from_secs(2) && std::time::Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.unwrap().payload().unwrap_or_default().to_vec());
+            last = std::time::Instant::now();
+        }
+    }
+    out
+}
+
+fn config(broker: &Broker, tenant: &Tenant, dir: &tempfile::TempDir) -> JobConfig {
+    JobConfig {
+        tenant: tenant.clone(),
+        epoch: 1,
+        brokers: broker.bootstrap().to_owned(),
+        operators: OperatorConfig::default(),
+        start: StartFrom::Earliest,
+        idle_timeout: Duration::from_millis(400),
+        history_path: dir.path().join("history.redb"),
+    }
+}
+
+/// Collects results until none came for `quiet`.
+async fn collect(rx: &mut mpsc::Receiver<ResultMsg>, quiet: Duration) -> Vec<ResultMsg> {
+    let mut out = Vec::new();
+    while let Ok(Some(r)) = tokio::time::timeout(quiet, rx.recv()).await {
+        out.push(r);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("job")).unwrap();
+    replay(&broker, &tenant, 3_000);
+    let records = read_back(&broker, &topics::clicks(&tenant));
+    assert!(records.len() > 10_000, "{} records", records.len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let shutdown = CancellationToken::new();
+    let job = tokio::spawn(run_job(
+        config(&broker, &tenant, &dir),
+        tx,
+        shutdown.clone(),
+    ));
+    let got = collect(&mut rx, Duration::from_secs(3)).await;
+    shutdown.cancel();
+    let report = job.await.unwrap().unwrap();
+    assert_eq!(report.records as usize, records.len());
+    assert_eq!((report.late, report.dead_lettered), (0, 0));
+
+    // The same records, in memory, in one partition: once every partition of the job is idle,
+    // its watermark is the newest event minus the lateness, as here.
+    let mut pipeline = Pipeline::new(
+        tenant.clone(),
+        1,
+        1,
+        OperatorConfig::default(),
+        MemStore::default(),
+    )
+    .unwrap();
+    let mut clicks: Vec<ClickRef> = records
+        .iter()
+        .map(|r| ClickRef::decode(r).unwrap())
+        .collect();
+    clicks.sort_by_key(|c| c.event_time_ms);
+    for c in &clicks {
+        pipeline
+            .on_click(0, c.visitor, c.page, c.event_time_ms)
+            .unwrap();
+    }
+    let expected = pipeline.take_results();
+    assert!(expected.len() > 100);
+    let json = |r: &ResultMsg| String::from_utf8(r.to_json()).unwrap();
+    if let Some(i) = (0..got.len().min(expected.len())).find(|&i| got[i] != expected[i]) {
+        panic!(
+            "result {i} differs:\n job:    {}\n memory: {}",
+            json(&got[i]),
+            json(&expected[i])
+        );
+    }
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "results from the job vs in memory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_are_counted_and_the_job_goes_on() {
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("bad")).unwrap();
+    replay(&broker, &tenant, 200);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let topic = topics::clicks(&tenant);
+    for bad in [&b"garbage"[..], &[0xC1; 30][..], &[][..]] {
+        producer
+            .send(
+                BaseRecord::<[u8], [u8]>::to(&topic)
+                    .payload(bad)
+                    .key(&b"k"[..]),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    replay(&broker, &tenant, 200); // more good records after the bad ones
+
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::channel(1024);
+    let shutdown = CancellationToken::new();
+    let job = tokio::spawn(run_job(
+        config(&broker, &tenant, &dir),
+        tx,
+        shutdown.clone(),
+    ));
+    let got = collect(&mut rx, Duration::from_secs(3)).await;
+    shutdown.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), job)
+        .await
+        .expect("the job stops promptly on shutdown")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.dead_lettered, 3);
+    let totals = got
+        .iter()
+        .rev()
+        .find_map(|r| match &r.body {
+            ResultBody::Totals(t) => Some(t.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(totals.dead_lettered, 3);
+    assert!(totals.views > 0);
+}
+
+#[tokio::test]
+async fn a_missing_topic_is_a_clear_error() {
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("none")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let err = run_job(config(&broker, &tenant, &dir), tx, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains(&topics::clicks(&tenant)), "{err}");
+}

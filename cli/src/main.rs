@@ -2,6 +2,7 @@
 //! the typed config of its library and calls that library's `run`; nothing else lives here.
 #![forbid(unsafe_code)]
 
+mod gateway;
 mod replay;
 
 use std::process::ExitCode;
@@ -29,6 +30,10 @@ struct Cli {
 enum Command {
     /// Replay the MSNBC clickstream into Kafka, one topic per tenant, in event-time order.
     Replay(replay::Args),
+    /// Serve tenants' live results to browsers over WebSockets, fed by engines over ZeroMQ.
+    Gateway(gateway::GatewayArgs),
+    /// Mint a tenant token (HS256 JWT) signed with the gateway's secret.
+    Token(gateway::TokenArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,8 @@ fn main() -> ExitCode {
     runtime.spawn(cancel_on_signal(shutdown.clone()));
     let result = match cli.command {
         Command::Replay(args) => runtime.block_on(replay::run(args, shutdown)),
+        Command::Gateway(args) => runtime.block_on(gateway::gateway(args, shutdown)),
+        Command::Token(args) => gateway::token(args),
     };
     match result {
         Ok(code) => code,

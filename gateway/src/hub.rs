@@ -1,0 +1,358 @@
+//! Fan-out of results to clients: ordering per tenant, a last-value cache per tenant stream,
+//! and one conflating mailbox per client.
+//!
+//! ```text
+//!  ResultFrame ─▶ Hub::publish ─▶ older epoch or seq already seen? ─▶ dropped (counted)
+//!                     │
+//!                     ├─▶ latest[tenant][stream] = json        (snapshot for new subscribers)
+//!                     └─▶ for each subscriber of (tenant, stream): Mailbox::offer
+//!                              at most one pending message per stream: a newer result
+//!                              replaces an unsent older one (conflation), so a slow client
+//!                              gets fewer, fresher results and its memory stays bounded
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::results::Stream;
+use clickpulse_protocol::zmq::ResultFrame;
+use tokio::sync::Notify;
+
+/// What became of a published frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Accepted; offered to this many subscribers.
+    Delivered(usize),
+    /// Its sequence number was already seen in its epoch.
+    Duplicate,
+    /// It comes from an older epoch than the tenant's newest: a fenced-off engine.
+    StaleEpoch,
+}
+
+/// One message for a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub stream: Stream,
+    pub json: Arc<str>,
+    pub snapshot: bool,
+}
+
+#[derive(Debug, Default)]
+struct Slots {
+    order: VecDeque<Stream>,
+    pending: HashMap<Stream, Outgoing>,
+    /// When the mailbox last went from empty to non-empty.
+    backlog_since: Option<Instant>,
+    closed: bool,
+}
+
+/// A client's outgoing queue: at most one pending message per stream (so at most
+/// `Stream::ALL.len()` in all), oldest stream first.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    slots: Mutex<Slots>,
+    notify: Notify,
+    conflated: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave the data half-updated in a way that
+    // matters (plain inserts), so a poisoned lock is still used.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Mailbox {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Mailbox::default())
+    }
+
+    /// Queues a message, replacing an unsent one of the same stream.
+    pub fn offer(&self, msg: Outgoing) {
+        let mut s = lock(&self.slots);
+        if s.closed {
+            return;
+        }
+        if s.pending.is_empty() {
+            s.backlog_since = Some(Instant::now());
+        }
+        match s.pending.insert(msg.stream, msg.clone()) {
+            Some(_) => {
+                self.conflated.fetch_add(1, Ordering::Relaxed);
+            }
+            None => s.order.push_back(msg.stream),
+        }
+        drop(s);
+        self.notify.notify_one();
+    }
+
+    /// Drops pending messages of `stream` (after an unsubscribe).
+    pub fn discard(&self, stream: Stream) {
+        let mut s = lock(&self.slots);
+        if s.pending.remove(&stream).is_some() {
+            s.order.retain(|x| *x != stream);
+        }
+        if s.pending.is_empty() {
+            s.backlog_since = None;
+        }
+    }
+
+    /// The oldest pending message, if any.
+    pub fn take(&self) -> Option<Outgoing> {
+        let mut s = lock(&self.slots);
+        let stream = s.order.pop_front()?;
+        let msg = s.pending.remove(&stream);
+        if s.pending.is_empty() {
+            s.backlog_since = None;
+        }
+        msg
+    }
+
+    /// Waits for the next message; `None` once closed.
+    pub async fn next(&self) -> Option<Outgoing> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(msg) = self.take() {
+                return Some(msg);
+            }
+            if lock(&self.slots).closed {
+                return None;
+            }
+            notified.await;
+        }
+    }
+
+    /// How long the client has had unsent messages without catching up.
+    pub fn backlog_age(&self) -> Option<Duration> {
+        lock(&self.slots).backlog_since.map(|t| t.elapsed())
+    }
+
+    pub fn conflated(&self) -> u64 {
+        self.conflated.load(Ordering::Relaxed)
+    }
+
+    pub fn close(&self) {
+        lock(&self.slots).closed = true;
+        self.notify.notify_waiters();
+        self.notify.notify_one();
+    }
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    streams: Vec<Stream>,
+    mailbox: Arc<Mailbox>,
+}
+
+#[derive(Debug, Default)]
+struct TenantState {
+    epoch: u64,
+    /// Highest sequence number accepted in `epoch`.
+    seq: u64,
+    latest: HashMap<Stream, Arc<str>>,
+    subscribers: HashMap<u64, Subscriber>,
+}
+
+/// Counters of the hub, for metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub stale_epochs: AtomicU64,
+}
+
+/// All tenants' results and subscribers of one gateway.
+#[derive(Debug, Default)]
+pub struct Hub {
+    tenants: Mutex<HashMap<Tenant, TenantState>>,
+    pub stats: HubStats,
+}
+
+impl Hub {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Hub::default())
+    }
+
+    /// Accepts a result frame if it is newer than what the tenant has seen, caches it, and
+    /// offers it to the subscribers of its stream.
+    pub fn publish(&self, frame: &ResultFrame) -> Published {
+        let mut tenants = lock(&self.tenants);
+        let t = tenants.entry(frame.tenant.clone()).or_default();
+        if frame.epoch < t.epoch {
+            self.stats.stale_epochs.fetch_add(1, Ordering::Relaxed);
+            return Published::StaleEpoch;
+        }
+        if frame.epoch == t.epoch && frame.seq <= t.seq {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Published::Duplicate;
+        }
+        t.epoch = frame.epoch;
+        t.seq = frame.seq;
+        let json: Arc<str> = String::from_utf8_lossy(&frame.json).into();
+        t.latest.insert(frame.stream, json.clone());
+        let mut delivered = 0;
+        for sub in t.subscribers.values() {
+            if sub.streams.contains(&frame.stream) {
+                sub.mailbox.offer(Outgoing {
+                    stream: frame.stream,
+                    json: json.clone(),
+                    snapshot: false,
+                });
+                delivered += 1;
+            }
+        }
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        Published::Delivered(delivered)
+    }
+
+    /// Adds streams to a client's subscription and queues the latest result of each at once.
+    pub fn subscribe(
+        &self,
+        tenant: &Tenant,
+        client: u64,
+        streams: &[Stream],
+        mailbox: &Arc<Mailbox>,
+    ) {
+        let mut tenants = lock(&self.tenants);
+        let t = tenants.entry(tenant.clone()).or_default();
+        let sub = t.subscribers.entry(client).or_insert_with(|| Subscriber {
+            streams: Vec::new(),
+            mailbox: mailbox.clone(),
+        });
+        for &stream in streams {
+            if !sub.streams.contains(&stream) {
+                sub.streams.push(stream);
+            }
+            if let Some(json) = t.latest.get(&stream) {
+                mailbox.offer(Outgoing {
+                    stream,
+                    json: json.clone(),
+                    snapshot: true,
+                });
+            }
+        }
+    }
+
+    pub fn unsubscribe(&self, tenant: &Tenant, client: u64, streams: &[Stream]) {
+        let mut tenants = lock(&self.tenants);
+        if let Some(sub) = tenants
+            .get_mut(tenant)
+            .and_then(|t| t.subscribers.get_mut(&client))
+        {
+            sub.streams.retain(|s| !streams.contains(s));
+            for &s in streams {
+                sub.mailbox.discard(s);
+            }
+        }
+    }
+
+    /// Forgets a client that left.
+    pub fn remove(&self, tenant: &Tenant, client: u64) {
+        let mut tenants = lock(&self.tenants);
+        if let Some(t) = tenants.get_mut(tenant) {
+            t.subscribers.remove(&client);
+        }
+    }
+
+    /// Subscribed clients of a tenant.
+    pub fn subscribers(&self, tenant: &Tenant) -> usize {
+        lock(&self.tenants)
+            .get(tenant)
+            .map_or(0, |t| t.subscribers.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tenant: &str, epoch: u64, seq: u64, stream: Stream, body: &str) -> ResultFrame {
+        ResultFrame {
+            tenant: Tenant::new(tenant).unwrap(),
+            epoch,
+            seq,
+            stream,
+            json: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn duplicates_and_older_epochs_are_dropped() {
+        let hub = Hub::new();
+        assert_eq!(
+            hub.publish(&frame("acme", 2, 5, Stream::TopN, "a")),
+            Published::Delivered(0)
+        );
+        assert_eq!(
+            hub.publish(&frame("acme", 2, 5, Stream::TopN, "a")),
+            Published::Duplicate
+        );
+        assert_eq!(
+            hub.publish(&frame("acme", 2, 4, Stream::TopN, "a")),
+            Published::Duplicate
+        );
+        assert_eq!(
+            hub.publish(&frame("acme", 1, 9, Stream::TopN, "a")),
+            Published::StaleEpoch
+        );
+        // a new owner restarts numbering in its higher epoch
+        assert_eq!(
+            hub.publish(&frame("acme", 3, 1, Stream::TopN, "b")),
+            Published::Delivered(0)
+        );
+        // tenants are independent
+        assert_eq!(
+            hub.publish(&frame("globex", 1, 1, Stream::TopN, "c")),
+            Published::Delivered(0)
+        );
+    }
+
+    #[test]
+    fn a_subscriber_gets_the_latest_value_at_once_then_live_results_of_its_streams_only() {
+        let hub = Hub::new();
+        let acme = Tenant::new("acme").unwrap();
+        hub.publish(&frame("acme", 1, 1, Stream::TopN, "old"));
+        hub.publish(&frame("acme", 1, 2, Stream::TopN, "latest"));
+        let mailbox = Mailbox::new();
+        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], &mailbox);
+        let snap = mailbox.take().unwrap();
+        assert_eq!(
+            (snap.stream, &*snap.json, snap.snapshot),
+            (Stream::TopN, "latest", true)
+        );
+        assert_eq!(mailbox.take(), None, "no sessions result yet");
+        hub.publish(&frame("acme", 1, 3, Stream::Window, "not subscribed"));
+        hub.publish(&frame("globex", 1, 4, Stream::TopN, "other tenant"));
+        assert_eq!(mailbox.take(), None);
+        hub.publish(&frame("acme", 1, 5, Stream::Sessions, "live"));
+        let live = mailbox.take().unwrap();
+        assert_eq!((&*live.json, live.snapshot), ("live", false));
+        hub.unsubscribe(&acme, 7, &[Stream::Sessions]);
+        hub.publish(&frame("acme", 1, 6, Stream::Sessions, "after"));
+        assert_eq!(mailbox.take(), None);
+    }
+
+    #[test]
+    fn a_slow_mailbox_conflates_to_the_newest_value_per_stream() {
+        let mailbox = Mailbox::new();
+        for i in 0..1000 {
+            for stream in [Stream::TopN, Stream::Window] {
+                mailbox.offer(Outgoing {
+                    stream,
+                    json: format!("{i}").into(),
+                    snapshot: false,
+                });
+            }
+        }
+        assert!(mailbox.backlog_age().is_some());
+        let a = mailbox.take().unwrap();
+        let b = mailbox.take().unwrap();
+        assert_eq!((a.stream, &*a.json), (Stream::TopN, "999"));
+        assert_eq!((b.stream, &*b.json), (Stream::Window, "999"));
+        assert_eq!(mailbox.take(), None, "bounded: one message per stream");
+        assert_eq!(mailbox.conflated(), 1998);
+        assert_eq!(mailbox.backlog_age(), None);
+    }
+}

@@ -1,0 +1,129 @@
+//! The gateway: tenants' live results to browsers.
+//!
+//! ```text
+//!  engines ──ZeroMQ PUSH (result frames)──▶ ingress (PULL) ──▶ Hub ──▶ Mailbox per client ──▶ /ws
+//!                                                              │ dedupe (epoch, seq)        (conflating,
+//!                                                              │ latest value per stream     one message
+//!                                                              ▼                             per stream)
+//!                                                     snapshot on subscribe
+//! ```
+//!
+//! A browser connects to `GET /ws` with a tenant token (HS256 JWT) in `Sec-WebSocket-Protocol`
+//! or the `token` query parameter; without a valid token it gets HTTP 401 and no socket. It only
+//! ever receives its own tenant's results. Registration in ZooKeeper comes with job control.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod hub;
+pub mod ingress;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use server::Limits;
+
+/// Settings of one gateway.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub id: String,
+    /// HTTP listen address, e.g. `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// ZeroMQ PULL endpoint to bind, e.g. `tcp://127.0.0.1:7001`.
+    pub zmq_bind: String,
+    pub secret: Vec<u8>,
+    pub limits: Limits,
+}
+
+/// Why the gateway cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Secret(#[from] auth::WeakSecret),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind ZeroMQ endpoint {endpoint}")]
+    Zmq {
+        endpoint: String,
+        source: zeromq::ZmqError,
+    },
+}
+
+/// A started gateway: where it listens, and its task (ends after shutdown has drained).
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub zmq_endpoint: String,
+    pub hub: Arc<hub::Hub>,
+    pub state: Arc<server::AppState>,
+    pub task: JoinHandle<()>,
+}
+
+/// Binds both sockets (so a port in use fails here, clearly), then serves until `shutdown`.
+pub async fn start(
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<Running, GatewayError> {
+    let key = auth::TokenKey::new(&config.secret)?;
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let http_addr = listener
+        .local_addr()
+        .map_err(|source| GatewayError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let (pull, zmq_endpoint) =
+        ingress::bind(&config.zmq_bind)
+            .await
+            .map_err(|source| GatewayError::Zmq {
+                endpoint: config.zmq_bind.clone(),
+                source,
+            })?;
+    let hub = hub::Hub::new();
+    let state = server::AppState::new(
+        config.id.clone(),
+        hub.clone(),
+        key,
+        config.limits,
+        shutdown.clone(),
+    );
+    let ingress_task = tokio::spawn(ingress::run(
+        pull,
+        hub.clone(),
+        Arc::new(ingress::IngressStats::default()),
+        shutdown.clone(),
+    ));
+    let app = server::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let serve_shutdown = shutdown.clone();
+    let id = config.id.clone();
+    let task = tokio::spawn(async move {
+        tracing::info!(gateway = %id, %http_addr, "gateway listening");
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
+            .await
+        {
+            tracing::error!(%error, "http server failed");
+        }
+        let _ = ingress_task.await;
+        tracing::info!(gateway = %id, "gateway stopped");
+    });
+    Ok(Running {
+        http_addr,
+        zmq_endpoint,
+        hub,
+        state,
+        task,
+    })
+}

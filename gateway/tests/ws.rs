@@ -1,0 +1,301 @@
+//! The gateway as a browser and an engine see it: a real WebSocket client, a real ZeroMQ PUSH.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
+
+use std::time::Duration;
+
+use clickpulse_gateway::auth::{TokenKey, now_secs};
+use clickpulse_gateway::{GatewayConfig, Limits, Running, start};
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::results::{PageCount, ResultBody, ResultMsg};
+use clickpulse_protocol::ws::CloseCode;
+use clickpulse_protocol::zk::Right;
+use clickpulse_protocol::zmq::ResultFrame;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
+
+const SECRET: &[u8] = b"a test secret of at least 32 bytes!!";
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn gateway(limits: Limits) -> (Running, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let running = start(
+        GatewayConfig {
+            id: "gw-test".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            zmq_bind: "tcp://127.0.0.1:0".into(),
+            secret: SECRET.to_vec(),
+            limits,
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (running, shutdown)
+}
+
+fn token(tenant: &str, rights: &[Right], ttl: i64) -> String {
+    TokenKey::new(SECRET).unwrap().mint(
+        &Tenant::new(tenant).unwrap(),
+        "test",
+        rights,
+        now_secs(),
+        ttl,
+    )
+}
+
+async fn connect(gw: &Running, token: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let url = format!("ws://{}/ws?token={token}", gw.http_addr);
+    tokio_tungstenite::connect_async(url)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+fn status_of(err: tokio_tungstenite::tungstenite::Error) -> u16 {
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(response) => response.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+/// The next JSON text message, within a bound.
+async fn next_json(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("socket open")
+            .unwrap();
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+async fn engine(gw: &Running) -> PushSocket {
+    let mut push = PushSocket::new();
+    push.connect(&gw.zmq_endpoint).await.unwrap();
+    push
+}
+
+fn result(tenant: &str, epoch: u64, seq: u64, views: u64) -> ResultMsg {
+    ResultMsg {
+        tenant: Tenant::new(tenant).unwrap(),
+        epoch,
+        seq,
+        window_start_ms: 0,
+        window_end_ms: 300_000,
+        watermark_ms: 300_000,
+        body: ResultBody::TopN {
+            n: 10,
+            pages: vec![PageCount {
+                page: "news".into(),
+                views,
+            }],
+        },
+    }
+}
+
+async fn push(socket: &mut PushSocket, msg: &ResultMsg) {
+    let frames: Vec<bytes::Bytes> = ResultFrame::from_result(msg)
+        .encode()
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    socket
+        .send(ZmqMessage::try_from(frames).unwrap())
+        .await
+        .unwrap();
+}
+
+async fn subscribe(ws: &mut Ws, streams: &str) {
+    let msg = format!(r#"{{"type":"subscribe","streams":[{streams}]}}"#);
+    ws.send(Message::Text(msg.into())).await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_are_checked_before_the_upgrade() {
+    let (gw, _stop) = gateway(Limits::default()).await;
+    let url = format!("ws://{}/ws", gw.http_addr);
+    assert_eq!(
+        status_of(tokio_tungstenite::connect_async(url).await.unwrap_err()),
+        401,
+        "no token"
+    );
+    let other = TokenKey::new(&[7u8; 32]).unwrap().mint(
+        &Tenant::new("acme").unwrap(),
+        "x",
+        &[Right::View],
+        now_secs(),
+        60,
+    );
+    assert_eq!(
+        status_of(connect(&gw, &other).await.unwrap_err()),
+        401,
+        "bad signature"
+    );
+    assert_eq!(
+        status_of(
+            connect(&gw, &token("acme", &[Right::View], -5))
+                .await
+                .unwrap_err()
+        ),
+        401,
+        "expired"
+    );
+    assert_eq!(
+        status_of(connect(&gw, &token("acme", &[], 60)).await.unwrap_err()),
+        401,
+        "no view right"
+    );
+    assert_eq!(
+        gw.state
+            .auth_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    // and the subprotocol header works like the query parameter
+    let mut request = format!("ws://{}/ws", gw.http_addr)
+        .into_client_request()
+        .unwrap();
+    let value = format!("clickpulse.v1, {}", token("acme", &[Right::View], 60));
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", value.parse().unwrap());
+    let (mut ws, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "clickpulse.v1"
+    );
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_the_latest_result_at_once_then_live_ones_of_its_tenant_only() {
+    let (gw, _stop) = gateway(Limits::default()).await;
+    let mut engine = engine(&gw).await;
+    push(&mut engine, &result("acme", 1, 1, 10)).await;
+    push(&mut engine, &result("acme", 1, 2, 20)).await;
+    push(&mut engine, &result("globex", 1, 1, 99)).await;
+
+    let mut acme = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    let welcome = next_json(&mut acme).await;
+    assert_eq!(
+        (welcome["type"].as_str(), welcome["tenant"].as_str()),
+        (Some("welcome"), Some("acme"))
+    );
+    // Results travel asynchronously from the PUSH socket: subscribe until the snapshot is there.
+    let mut snapshot = serde_json::Value::Null;
+    for _ in 0..50 {
+        subscribe(&mut acme, r#""topn""#).await;
+        match tokio::time::timeout(Duration::from_millis(100), acme.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                snapshot = serde_json::from_str(t.as_str()).unwrap();
+                break;
+            }
+            _ => continue,
+        }
+    }
+    assert_eq!(snapshot["snapshot"], true, "{snapshot}");
+    assert_eq!(
+        snapshot["result"]["seq"], 2,
+        "the latest, not the first: {snapshot}"
+    );
+    assert_eq!(snapshot["result"]["data"]["pages"][0]["views"], 20);
+
+    let mut globex = connect(&gw, &token("globex", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut globex).await;
+    subscribe(&mut globex, r#""topn""#).await;
+    assert_eq!(next_json(&mut globex).await["result"]["tenant"], "globex");
+
+    push(&mut engine, &result("acme", 1, 2, 777)).await; // duplicate: dropped
+    push(&mut engine, &result("acme", 1, 3, 30)).await;
+    let live = next_json(&mut acme).await;
+    assert_eq!(
+        (live["snapshot"].as_bool(), live["result"]["seq"].as_u64()),
+        (Some(false), Some(3))
+    );
+    push(&mut engine, &result("globex", 1, 2, 5)).await;
+    assert_eq!(next_json(&mut globex).await["result"]["seq"], 2);
+    // acme saw nothing of globex's
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), acme.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_an_error_or_1009_and_other_clients_are_unaffected() {
+    let (gw, _stop) = gateway(Limits {
+        max_frame_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    let mut a = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    let mut b = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut a).await;
+    next_json(&mut b).await;
+    a.send(Message::Text("not json".into())).await.unwrap();
+    let err = next_json(&mut a).await;
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("bad_message"))
+    );
+    a.send(Message::Text(r#"{"type":"launch"}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut a).await["code"], "bad_message");
+    a.send(Message::Binary(vec![1, 2, 3].into())).await.unwrap();
+    assert_eq!(next_json(&mut a).await["code"], "binary_not_supported");
+    a.send(Message::Text("x".repeat(4096).into()))
+        .await
+        .unwrap();
+    let mut code = None;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
+        if let Message::Close(Some(frame)) = msg {
+            code = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(CloseCode::TooBig.code()));
+    // b still works
+    subscribe(&mut b, r#""topn""#).await;
+    let mut engine = engine(&gw).await;
+    push(&mut engine, &result("acme", 1, 1, 1)).await;
+    assert_eq!(next_json(&mut b).await["result"]["seq"], 1);
+}
+
+#[tokio::test]
+async fn shutdown_closes_clients_with_1001() {
+    let (gw, stop) = gateway(Limits::default()).await;
+    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    stop.cancel();
+    let mut code = None;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(Some(frame)) = msg {
+            code = Some(u16::from(frame.code));
+            break;
+        }
+    }
+    assert_eq!(code, Some(CloseCode::GoingAway.code()));
+    tokio::time::timeout(Duration::from_secs(5), gw.task)
+        .await
+        .expect("the gateway drains and stops")
+        .unwrap();
+}

@@ -422,6 +422,14 @@ impl<S: HistoryStore> Pipeline<S> {
     }
 }
 
+/// The newest totals among `results` (emission order), if any.
+pub fn last_totals(results: &[ResultMsg]) -> Option<&Totals> {
+    results.iter().rev().find_map(|r| match &r.body {
+        ResultBody::Totals(t) => Some(t),
+        _ => None,
+    })
+}
+
 /// Page views per page of a totals result, in catalogue order (for checks from outside).
 pub fn totals_by_page(totals: &Totals) -> [u64; PAGE_COUNT] {
     let mut out = [0; PAGE_COUNT];

@@ -9,12 +9,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 
-use clickpulse_engine::pipeline::totals_by_page;
+use clickpulse_engine::pipeline::{last_totals, totals_by_page};
 use clickpulse_engine::{Admission, MemStore, OperatorConfig, Pipeline};
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::click::{ClickRef, encode_into};
 use clickpulse_protocol::clock::DEFAULT_T0_MS;
-use clickpulse_protocol::results::ResultBody;
 use clickpulse_replay::Source;
 use clickpulse_replay::merge::Merge;
 
@@ -85,14 +84,7 @@ fn full_dataset_views_and_sessions_are_exact() {
         pipeline.finish().unwrap();
         let tail = pipeline.take_results();
         assert!(results[t] + tail.len() > 0);
-        let totals = tail
-            .iter()
-            .rev()
-            .find_map(|r| match &r.body {
-                ResultBody::Totals(t) => Some(t.clone()),
-                _ => None,
-            })
-            .unwrap();
+        let totals = last_totals(&tail).unwrap();
         let mine = users
             .iter()
             .enumerate()
@@ -111,7 +103,7 @@ fn full_dataset_views_and_sessions_are_exact() {
         }
         assert_eq!(totals.views, views, "views of {}", tenants[t]);
         assert_eq!(
-            totals_by_page(&totals),
+            totals_by_page(totals),
             pages,
             "per-page views of {}",
             tenants[t]

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use clickpulse_engine::job::{JobConfig, StartFrom, run_job};
+use clickpulse_engine::job::{JobConfig, JobReport, StartFrom, run_job};
+use clickpulse_engine::pipeline::last_totals;
 use clickpulse_engine::{MemStore, OperatorConfig, Pipeline};
 use clickpulse_protocol::click::ClickRef;
-use clickpulse_protocol::clock::DEFAULT_T0_MS;
-use clickpulse_protocol::results::{ResultBody, ResultMsg};
+use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::{Tenant, topics};
-use clickpulse_replay::{KafkaConfig, ProgressMode, ReplayConfig, Source, Speed};
+use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::{Broker, unique_name};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,21 +20,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 fn replay(broker: &Broker, tenant: &Tenant, users: u64) {
-    let config = ReplayConfig {
-        source: Source::Synthetic { users, seed: 11 },
-        kafka: KafkaConfig {
-            brokers: broker.bootstrap().to_owned(),
-            connect_timeout: Duration::from_secs(10),
-            delivery_timeout: Duration::from_secs(30),
-        },
-        tenants: vec![tenant.clone()],
-        limit: None,
-        speed: Speed::Max,
-        t0_ms: DEFAULT_T0_MS,
-        partitions: 3,
-        replication_factor: 1,
-        progress: ProgressMode::Quiet,
-    };
+    let mut config = ReplayConfig::new(
+        Source::Synthetic { users, seed: 11 },
+        broker.bootstrap(),
+        vec![tenant.clone()],
+    );
+    config.progress = ProgressMode::Quiet;
     clickpulse_replay::run(&config, &CancellationToken::new()).unwrap();
 }
 
@@ -75,6 +66,22 @@ fn config(broker: &Broker, tenant: &Tenant, dir: &tempfile::TempDir) -> JobConfi
     }
 }
 
+/// Runs a job until its results stop for three seconds, then shuts it down; the job must stop
+/// promptly.
+async fn run_until_quiet(config: JobConfig) -> (Vec<ResultMsg>, JobReport) {
+    let (tx, mut rx) = mpsc::channel(1024);
+    let shutdown = CancellationToken::new();
+    let job = tokio::spawn(run_job(config, tx, shutdown.clone()));
+    let got = collect(&mut rx, Duration::from_secs(3)).await;
+    shutdown.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(5), job)
+        .await
+        .expect("the job stops promptly on shutdown")
+        .unwrap()
+        .unwrap();
+    (got, report)
+}
+
 /// Collects results until none came for `quiet`.
 async fn collect(rx: &mut mpsc::Receiver<ResultMsg>, quiet: Duration) -> Vec<ResultMsg> {
     let mut out = Vec::new();
@@ -93,16 +100,7 @@ async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
     assert!(records.len() > 10_000, "{} records", records.len());
 
     let dir = tempfile::tempdir().unwrap();
-    let (tx, mut rx) = mpsc::channel(1024);
-    let shutdown = CancellationToken::new();
-    let job = tokio::spawn(run_job(
-        config(&broker, &tenant, &dir),
-        tx,
-        shutdown.clone(),
-    ));
-    let got = collect(&mut rx, Duration::from_secs(3)).await;
-    shutdown.cancel();
-    let report = job.await.unwrap().unwrap();
+    let (got, report) = run_until_quiet(config(&broker, &tenant, &dir)).await;
     assert_eq!(report.records as usize, records.len());
     assert_eq!((report.late, report.dead_lettered), (0, 0));
 
@@ -166,29 +164,9 @@ async fn malformed_records_are_counted_and_the_job_goes_on() {
     replay(&broker, &tenant, 200); // more good records after the bad ones
 
     let dir = tempfile::tempdir().unwrap();
-    let (tx, mut rx) = mpsc::channel(1024);
-    let shutdown = CancellationToken::new();
-    let job = tokio::spawn(run_job(
-        config(&broker, &tenant, &dir),
-        tx,
-        shutdown.clone(),
-    ));
-    let got = collect(&mut rx, Duration::from_secs(3)).await;
-    shutdown.cancel();
-    let report = tokio::time::timeout(Duration::from_secs(5), job)
-        .await
-        .expect("the job stops promptly on shutdown")
-        .unwrap()
-        .unwrap();
+    let (got, report) = run_until_quiet(config(&broker, &tenant, &dir)).await;
     assert_eq!(report.dead_lettered, 3);
-    let totals = got
-        .iter()
-        .rev()
-        .find_map(|r| match &r.body {
-            ResultBody::Totals(t) => Some(t.clone()),
-            _ => None,
-        })
-        .unwrap();
+    let totals = last_totals(&got).unwrap();
     assert_eq!(totals.dead_lettered, 3);
     assert!(totals.views > 0);
 }

@@ -3,9 +3,9 @@
 
 mod common;
 
-use clickpulse_engine::pipeline::totals_by_page;
+use clickpulse_engine::pipeline::{self, totals_by_page};
 use clickpulse_engine::{Admission, MemStore, OperatorConfig, Pipeline};
-use clickpulse_protocol::results::{ResultBody, ResultMsg, Totals};
+use clickpulse_protocol::results::{ResultMsg, Totals};
 use clickpulse_protocol::{PageId, Tenant};
 use common::{Arrival, oracle, stream};
 use proptest::prelude::*;
@@ -25,21 +25,14 @@ fn run(config: &OperatorConfig, partitions: usize, arrivals: &[Arrival]) -> Vec<
 }
 
 fn last_totals(results: &[ResultMsg]) -> Totals {
-    results
-        .iter()
-        .rev()
-        .find_map(|r| match &r.body {
-            ResultBody::Totals(t) => Some(t.clone()),
-            _ => None,
-        })
-        .unwrap_or(Totals {
-            views: 0,
-            pages: vec![],
-            sessions: 0,
-            returning_sessions: 0,
-            late: 0,
-            dead_lettered: 0,
-        })
+    pipeline::last_totals(results).cloned().unwrap_or(Totals {
+        views: 0,
+        pages: vec![],
+        sessions: 0,
+        returning_sessions: 0,
+        late: 0,
+        dead_lettered: 0,
+    })
 }
 
 /// Random settings at a small time scale, so streams cross many boundaries.

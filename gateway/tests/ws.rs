@@ -76,6 +76,16 @@ async fn next_json(ws: &mut Ws) -> serde_json::Value {
     }
 }
 
+/// The code of the close frame that ends the socket (within 5 s), skipping other messages.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(Some(frame)) = msg {
+            return Some(u16::from(frame.code));
+        }
+    }
+    None
+}
+
 async fn engine(gw: &Running) -> PushSocket {
     let mut push = PushSocket::new();
     push.connect(&gw.zmq_endpoint).await.unwrap();
@@ -263,14 +273,7 @@ async fn bad_frames_get_an_error_or_1009_and_other_clients_are_unaffected() {
     a.send(Message::Text("x".repeat(4096).into()))
         .await
         .unwrap();
-    let mut code = None;
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), a.next()).await {
-        if let Message::Close(Some(frame)) = msg {
-            code = Some(u16::from(frame.code));
-            break;
-        }
-    }
-    assert_eq!(code, Some(CloseCode::TooBig.code()));
+    assert_eq!(close_code(&mut a).await, Some(CloseCode::TooBig.code()));
     // b still works
     subscribe(&mut b, r#""topn""#).await;
     let mut engine = engine(&gw).await;
@@ -286,14 +289,7 @@ async fn shutdown_closes_clients_with_1001() {
         .unwrap();
     next_json(&mut ws).await;
     stop.cancel();
-    let mut code = None;
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
-        if let Message::Close(Some(frame)) = msg {
-            code = Some(u16::from(frame.code));
-            break;
-        }
-    }
-    assert_eq!(code, Some(CloseCode::GoingAway.code()));
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::GoingAway.code()));
     tokio::time::timeout(Duration::from_secs(5), gw.task)
         .await
         .expect("the gateway drains and stops")

@@ -70,6 +70,29 @@ pub struct ReplayConfig {
     pub progress: ProgressMode,
 }
 
+impl ReplayConfig {
+    /// A replay of `source` into `brokers` with the defaults of `clickpulse replay`: all users,
+    /// as fast as the broker takes, from the clock's default t0, 3 partitions, replication 1,
+    /// 20 s to connect, 30 s per acknowledgement, progress as log lines.
+    pub fn new(source: Source, brokers: &str, tenants: Vec<Tenant>) -> Self {
+        ReplayConfig {
+            source,
+            kafka: KafkaConfig {
+                brokers: brokers.to_owned(),
+                connect_timeout: Duration::from_secs(20),
+                delivery_timeout: Duration::from_secs(30),
+            },
+            tenants,
+            limit: None,
+            speed: Speed::Max,
+            t0_ms: clickpulse_protocol::clock::DEFAULT_T0_MS,
+            partitions: 3,
+            replication_factor: 1,
+            progress: ProgressMode::Lines,
+        }
+    }
+}
+
 /// Why a replay failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

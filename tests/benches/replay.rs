@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clickpulse_protocol::Tenant;
-use clickpulse_protocol::clock::DEFAULT_T0_MS;
-use clickpulse_replay::{KafkaConfig, ProgressMode, ReplayConfig, Source, Speed};
+use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::{Broker, unique_name};
 use tokio_util::sync::CancellationToken;
 
@@ -17,21 +16,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .iter()
         .map(|t| Tenant::new(unique_name(t)))
         .collect::<Result<Vec<_>, _>>()?;
-    let config = ReplayConfig {
-        source: Source::File(data),
-        kafka: KafkaConfig {
-            brokers: broker.bootstrap().to_owned(),
-            connect_timeout: Duration::from_secs(20),
-            delivery_timeout: Duration::from_secs(60),
-        },
-        tenants,
-        limit: None,
-        speed: Speed::Max,
-        t0_ms: DEFAULT_T0_MS,
-        partitions: 3,
-        replication_factor: 1,
-        progress: ProgressMode::Quiet,
-    };
+    let mut config = ReplayConfig::new(Source::File(data), broker.bootstrap(), tenants);
+    config.kafka.delivery_timeout = Duration::from_secs(60);
+    config.progress = ProgressMode::Quiet;
     // Wall time of the whole run: the counting pass over the file, connecting, creating the
     // topics, the merge, producing and waiting for every acknowledgement.
     let start = Instant::now();

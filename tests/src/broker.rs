@@ -1,17 +1,15 @@
 //! A private Kafka-protocol broker (`tansu`, in-memory storage) on a loopback port.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
-use tempfile::TempDir;
 
 use crate::FixtureError;
-use crate::process::{Daemon, accepts, free_port};
+use crate::process::{Daemon, PrivateServer, accepts};
 
 /// The broker version `scripts/setup` installs.
 pub const TANSU_VERSION: &str = "0.6.0";
@@ -23,14 +21,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Broker {
     bootstrap: String,
-    private: Option<Private>,
-}
-
-#[derive(Debug)]
-struct Private {
-    dir: TempDir,
-    port: u16,
-    daemon: Option<Daemon>,
+    private: Option<PrivateServer>,
 }
 
 impl Broker {
@@ -47,24 +38,10 @@ impl Broker {
 
     /// Always a private broker, on `port` or a free one.
     pub fn start_private(port: Option<u16>) -> Result<Self, FixtureError> {
-        let dir = tempfile::Builder::new()
-            .prefix("clickpulse-broker-")
-            .tempdir()
-            .map_err(|source| FixtureError::Io {
-                what: "broker dir",
-                source,
-            })?;
-        let port = match port {
-            Some(p) => p,
-            None => free_port()?,
-        };
+        let server = PrivateServer::new("broker", port)?;
         let mut broker = Broker {
-            bootstrap: format!("127.0.0.1:{port}"),
-            private: Some(Private {
-                dir,
-                port,
-                daemon: None,
-            }),
+            bootstrap: server.addr().to_string(),
+            private: Some(server),
         };
         broker.launch()?;
         Ok(broker)
@@ -88,12 +65,12 @@ impl Broker {
             cmd,
             &private.dir.path().join("broker.log"),
         )?;
-        let addr: SocketAddr = ([127, 0, 0, 1], private.port).into();
+        let addr = private.addr();
         let bootstrap = self.bootstrap.clone();
         daemon.wait_ready(READY_TIMEOUT, || {
             accepts(&addr) && answers_metadata(&bootstrap)
         })?;
-        private.daemon = Some(daemon);
+        private.running(daemon);
         Ok(())
     }
 
@@ -103,7 +80,7 @@ impl Broker {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.private.as_ref()?.daemon.as_ref().map(Daemon::pid)
+        self.private.as_ref()?.pid()
     }
 
     pub fn is_private(&self) -> bool {
@@ -113,7 +90,7 @@ impl Broker {
     /// Kills a private broker (SIGKILL). Its in-memory data is gone.
     pub fn kill(&mut self) {
         if let Some(p) = &mut self.private {
-            p.daemon.take();
+            p.kill();
         }
     }
 

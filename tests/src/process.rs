@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use tempfile::TempDir;
+
 use crate::FixtureError;
 
 /// A server process started by a fixture, its output going to a log file.
@@ -132,4 +134,53 @@ pub fn is_running(pid: u32) -> bool {
                 .is_some_and(|state| state != "Z" && state != "X")
         })
         .unwrap_or(false)
+}
+
+/// What every private server fixture holds: a temp dir, a loopback port and, while it runs,
+/// the process.
+#[derive(Debug)]
+pub struct PrivateServer {
+    pub dir: TempDir,
+    pub port: u16,
+    daemon: Option<Daemon>,
+}
+
+impl PrivateServer {
+    /// A fresh temp dir (`clickpulse-<prefix>-…`) and `port`, or a free port.
+    pub fn new(prefix: &str, port: Option<u16>) -> Result<Self, FixtureError> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("clickpulse-{prefix}-"))
+            .tempdir()
+            .map_err(|source| FixtureError::Io {
+                what: "fixture temp dir",
+                source,
+            })?;
+        let port = match port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        Ok(PrivateServer {
+            dir,
+            port,
+            daemon: None,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
+    }
+
+    /// Adopts the started, ready process.
+    pub fn running(&mut self, daemon: Daemon) {
+        self.daemon = Some(daemon);
+    }
+
+    /// Kills the process (SIGKILL, reaped); the dir and port stay for a restart.
+    pub fn kill(&mut self) {
+        self.daemon.take();
+    }
 }

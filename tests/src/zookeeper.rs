@@ -6,10 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use tempfile::TempDir;
-
 use crate::FixtureError;
-use crate::process::{Daemon, free_port};
+use crate::process::{Daemon, PrivateServer};
 
 /// Where Debian's `zookeeper` package puts its jar.
 pub const DEFAULT_ZK_JAR: &str = "/usr/share/java/zookeeper.jar";
@@ -40,14 +38,7 @@ impl Default for ZkOptions {
 #[derive(Debug)]
 pub struct ZooKeeper {
     connect: String,
-    private: Option<Private>,
-}
-
-#[derive(Debug)]
-struct Private {
-    dir: TempDir,
-    port: u16,
-    daemon: Option<Daemon>,
+    private: Option<PrivateServer>,
 }
 
 impl ZooKeeper {
@@ -66,25 +57,11 @@ impl ZooKeeper {
     pub fn start_private(options: ZkOptions) -> Result<Self, FixtureError> {
         let jar = zk_jar()?;
         which("java", "Java")?;
-        let dir = tempfile::Builder::new()
-            .prefix("clickpulse-zk-")
-            .tempdir()
-            .map_err(|source| FixtureError::Io {
-                what: "ZooKeeper data dir",
-                source,
-            })?;
-        let port = match options.port {
-            Some(p) => p,
-            None => free_port()?,
-        };
-        write_config(dir.path(), port, options.tick_ms)?;
+        let server = PrivateServer::new("zk", options.port)?;
+        write_config(server.dir.path(), server.port, options.tick_ms)?;
         let mut zk = ZooKeeper {
-            connect: format!("127.0.0.1:{port}"),
-            private: Some(Private {
-                dir,
-                port,
-                daemon: None,
-            }),
+            connect: server.addr().to_string(),
+            private: Some(server),
         };
         zk.launch(&jar)?;
         Ok(zk)
@@ -114,13 +91,13 @@ impl ZooKeeper {
             .arg(&cfg);
         let mut daemon =
             Daemon::spawn("ZooKeeper", cmd, &private.dir.path().join("zookeeper.log"))?;
-        let addr: SocketAddr = ([127, 0, 0, 1], private.port).into();
+        let addr = private.addr();
         // `ruok` answers before the server serves sessions; `srvr` reports a mode only once it
         // does.
         daemon.wait_ready(READY_TIMEOUT, || {
             four_letter(&addr, "srvr").is_ok_and(|r| r.contains("Mode: "))
         })?;
-        private.daemon = Some(daemon);
+        private.running(daemon);
         Ok(())
     }
 
@@ -131,7 +108,7 @@ impl ZooKeeper {
 
     /// The server's pid, for a private server that is running.
     pub fn pid(&self) -> Option<u32> {
-        self.private.as_ref()?.daemon.as_ref().map(Daemon::pid)
+        self.private.as_ref()?.pid()
     }
 
     pub fn is_private(&self) -> bool {
@@ -141,7 +118,7 @@ impl ZooKeeper {
     /// Kills a private server (SIGKILL), keeping its data for [`ZooKeeper::restart`].
     pub fn kill(&mut self) {
         if let Some(p) = &mut self.private {
-            p.daemon.take();
+            p.kill();
         }
     }
 

@@ -9,9 +9,7 @@ use std::time::{Duration, Instant};
 
 use clickpulse_protocol::clock::{DEFAULT_T0_MS, event_time_ms};
 use clickpulse_protocol::{ClickRef, Tenant, topics};
-use clickpulse_replay::{
-    KafkaConfig, KafkaSinkError, ProgressMode, ReplayConfig, ReplayError, Source, Speed,
-};
+use clickpulse_replay::{KafkaSinkError, ReplayConfig, ReplayError, Source, Speed};
 use clickpulse_tests::{Broker, unique_name};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -42,21 +40,7 @@ fn naive_users() -> Vec<Vec<u16>> {
 }
 
 fn config(bootstrap: &str, tenants: &[Tenant], source: Source) -> ReplayConfig {
-    ReplayConfig {
-        source,
-        kafka: KafkaConfig {
-            brokers: bootstrap.to_owned(),
-            connect_timeout: Duration::from_secs(20),
-            delivery_timeout: Duration::from_secs(30),
-        },
-        tenants: tenants.to_vec(),
-        limit: None,
-        speed: Speed::Max,
-        t0_ms: DEFAULT_T0_MS,
-        partitions: 3,
-        replication_factor: 1,
-        progress: ProgressMode::Lines,
-    }
+    ReplayConfig::new(source, bootstrap, tenants.to_vec())
 }
 
 /// One consumed record, as the checks need it.

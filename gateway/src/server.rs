@@ -187,8 +187,12 @@ async fn serve_client(
                 _ = state.shutdown.cancelled() => break Some(CloseCode::GoingAway),
                 out = mailbox.next() => {
                     let Some(out) = out else { break None };
-                    if socket.send(result_text(&out)).await.is_err() {
-                        break None;
+                    // A client that stops reading fills its TCP buffers and blocks the send:
+                    // bounded, or the slow-client check below would never run.
+                    match tokio::time::timeout(state.limits.slow_client_timeout, socket.send(result_text(&out))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break None,
+                        Err(_) => break Some(CloseCode::SlowConsumer),
                     }
                 }
                 incoming = socket.recv() => match incoming {

@@ -295,3 +295,68 @@ async fn shutdown_closes_clients_with_1001() {
         .expect("the gateway drains and stops")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_its_memory_stays_bounded() {
+    let slow = Duration::from_millis(500);
+    let (gw, _stop) = gateway(Limits {
+        slow_client_timeout: slow,
+        ..Limits::default()
+    })
+    .await;
+    let acme = Tenant::new("acme").unwrap();
+    let mut stuck = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut stuck).await;
+    subscribe(&mut stuck, r#""topn""#).await;
+    let start = std::time::Instant::now();
+    while gw.hub.subscribers(&acme) == 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(gw.hub.subscribers(&acme), 1);
+    // Large results, far more than socket buffers hold, while the client reads nothing.
+    let mut engine = engine(&gw).await;
+    let big = "x".repeat(64 * 1024);
+    let mut seq = 0;
+    let start = std::time::Instant::now();
+    while gw.hub.subscribers(&acme) > 0 && start.elapsed() < Duration::from_secs(15) {
+        seq += 1;
+        let mut msg = result("acme", 1, seq, seq);
+        if let ResultBody::TopN { pages, .. } = &mut msg.body {
+            pages[0].page = big.clone().into();
+        }
+        push(&mut engine, &msg).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        gw.hub.subscribers(&acme),
+        0,
+        "the stuck client was not cut off"
+    );
+    assert!(
+        start.elapsed() < slow * 20,
+        "cut off only after {:?}",
+        start.elapsed()
+    );
+    // Everything it was sent before the cut is still readable; then the socket ends.
+    let mut ended = false;
+    while let Ok(next) = tokio::time::timeout(Duration::from_secs(5), stuck.next()).await {
+        match next {
+            None | Some(Err(_)) => {
+                ended = true;
+                break;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                assert_eq!(
+                    frame.map(|f| u16::from(f.code)),
+                    Some(CloseCode::SlowConsumer.code())
+                );
+                ended = true;
+                break;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    assert!(ended);
+}

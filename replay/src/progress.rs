@@ -50,9 +50,9 @@ impl Progress {
         let mode = match mode {
             ProgressMode::Auto if std::io::stderr().is_terminal() => {
                 let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+                // Fits 80 columns: a wrapped line breaks the redraw.
                 let style = ProgressStyle::with_template(
-                    "{spinner} {elapsed_precise} [{wide_bar}] {human_pos}/{human_len} events \
-                     {per_sec} ETA {eta} {msg}",
+                    "{spinner} [{bar:20}] {human_pos}/{human_len} ETA {eta} {msg}",
                 )
                 .unwrap_or_else(|_| ProgressStyle::default_bar());
                 bar.set_style(style.progress_chars("=> "));
@@ -75,7 +75,11 @@ impl Progress {
             Mode::Bar(bar) => {
                 if done.is_multiple_of(BAR_BATCH) {
                     bar.set_position(done);
-                    bar.set_message(format!("event time {}", format_time(Some(event_time_ms))));
+                    let rate = done as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+                    let time = chrono::DateTime::from_timestamp_millis(event_time_ms)
+                        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                        .unwrap_or_default();
+                    bar.set_message(format!("{:.0}k/s @ {time}", rate / 1000.0));
                 }
             }
             Mode::Lines { last } => {

@@ -44,8 +44,12 @@ pub struct Outgoing {
 struct Slots {
     order: VecDeque<Stream>,
     pending: HashMap<Stream, Outgoing>,
-    /// When the mailbox last went from empty to non-empty.
+    /// Since when messages have been pending without one being taken: how long the client
+    /// has made no progress.
     backlog_since: Option<Instant>,
+    /// The client's rate cap: at most one message per stream per interval.
+    min_interval: Option<Duration>,
+    last_sent: HashMap<Stream, Instant>,
     closed: bool,
 }
 
@@ -99,28 +103,67 @@ impl Mailbox {
         }
     }
 
-    /// The oldest pending message, if any.
-    pub fn take(&self) -> Option<Outgoing> {
-        let mut s = lock(&self.slots);
-        let stream = s.order.pop_front()?;
-        let msg = s.pending.remove(&stream);
-        if s.pending.is_empty() {
-            s.backlog_since = None;
-        }
-        msg
+    /// Caps how often each stream is sent to this client (`None`: as fast as it reads).
+    pub fn set_min_interval(&self, interval: Option<Duration>) {
+        lock(&self.slots).min_interval = interval;
+        self.notify.notify_one();
     }
 
-    /// Waits for the next message; `None` once closed.
+    /// The oldest pending message whose stream may be sent at `now`; otherwise, when the
+    /// next one may be (if any is pending).
+    fn take_due(&self, now: Instant) -> (Option<Outgoing>, Option<Instant>) {
+        let mut s = lock(&self.slots);
+        let mut next_due: Option<Instant> = None;
+        let mut pick = None;
+        for (i, stream) in s.order.iter().enumerate() {
+            let due = s
+                .min_interval
+                .and_then(|iv| s.last_sent.get(stream).map(|t| *t + iv))
+                .filter(|due| *due > now);
+            match due {
+                Some(due) => next_due = Some(next_due.map_or(due, |n| n.min(due))),
+                None => {
+                    pick = Some(i);
+                    break;
+                }
+            }
+        }
+        let Some(i) = pick else {
+            return (None, next_due);
+        };
+        let msg = s.order.remove(i).and_then(|st| s.pending.remove(&st));
+        if let Some(m) = &msg {
+            s.last_sent.insert(m.stream, now);
+        }
+        s.backlog_since = (!s.pending.is_empty()).then_some(now);
+        (msg, None)
+    }
+
+    /// The oldest pending message that may be sent now, if any.
+    pub fn take(&self) -> Option<Outgoing> {
+        self.take_due(Instant::now()).0
+    }
+
+    /// Waits for the next message that may be sent; `None` once closed.
     pub async fn next(&self) -> Option<Outgoing> {
         loop {
             let notified = self.notify.notified();
-            if let Some(msg) = self.take() {
+            let (msg, next_due) = self.take_due(Instant::now());
+            if let Some(msg) = msg {
                 return Some(msg);
             }
             if lock(&self.slots).closed {
                 return None;
             }
-            notified.await;
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(due.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
         }
     }
 
@@ -354,5 +397,34 @@ mod tests {
         assert_eq!(mailbox.take(), None, "bounded: one message per stream");
         assert_eq!(mailbox.conflated(), 1998);
         assert_eq!(mailbox.backlog_age(), None);
+    }
+
+    #[test]
+    fn a_rate_cap_holds_a_stream_back_and_lets_others_through() {
+        let mailbox = Mailbox::new();
+        mailbox.set_min_interval(Some(Duration::from_secs(3600)));
+        let msg = |stream, json: &str| Outgoing {
+            stream,
+            json: json.into(),
+            snapshot: false,
+        };
+        mailbox.offer(msg(Stream::TopN, "1"));
+        assert_eq!(mailbox.take().map(|m| m.json), Some("1".into()));
+        mailbox.offer(msg(Stream::TopN, "2"));
+        mailbox.offer(msg(Stream::Window, "w"));
+        assert_eq!(
+            mailbox.take().map(|m| m.json),
+            Some("w".into()),
+            "topn is not due yet"
+        );
+        assert_eq!(mailbox.take(), None);
+        mailbox.offer(msg(Stream::TopN, "3"));
+        assert_eq!(
+            mailbox.conflated(),
+            1,
+            "the held-back topn was replaced by the newer one"
+        );
+        mailbox.set_min_interval(None);
+        assert_eq!(mailbox.take().map(|m| m.json), Some("3".into()));
     }
 }

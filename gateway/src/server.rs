@@ -209,6 +209,12 @@ async fn serve_client(
                                 if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                                     Some(ServerMsg::Error { code: ErrorCode::BadValue, message: "max_rate_hz must be a positive number".into() })
                                 } else {
+                                    // A cap slower than the slow-client timeout would get the
+                                    // client cut off for being slow; it is raised to half of it.
+                                    let interval = max_rate_hz.map(|hz| {
+                                        Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
+                                    });
+                                    mailbox.set_min_interval(interval);
                                     state.hub.subscribe(&tenant, client, &streams, &mailbox);
                                     None
                                 }

@@ -360,3 +360,44 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_memory_stays_bounded() {
     }
     assert!(ended);
 }
+
+#[tokio::test]
+async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_values() {
+    let (gw, _stop) = gateway(Limits::default()).await;
+    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","streams":["topn"],"max_rate_hz":4}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let mut engine = engine(&gw).await;
+    // 100 results over about 1.5 s; at 4 Hz the client gets about 6 to 8 of them.
+    let pusher = tokio::spawn(async move {
+        for seq in 1..=100 {
+            push(&mut engine, &result("acme", 1, seq, seq)).await;
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        engine
+    });
+    let mut seqs = Vec::new();
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(100), ws.next()).await
+        {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+            seqs.push(v["result"]["seq"].as_u64().unwrap());
+        }
+    }
+    let _engine = pusher.await.unwrap();
+    assert!((3..=12).contains(&seqs.len()), "received {seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+    assert_eq!(
+        seqs.last(),
+        Some(&100),
+        "the newest value arrives: {seqs:?}"
+    );
+}

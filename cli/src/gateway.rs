@@ -35,6 +35,29 @@ pub struct GatewayArgs {
     /// A client that has not caught up for this many seconds is closed with 4000.
     #[arg(long, env = "CLICKPULSE_SLOW_CLIENT_TIMEOUT", default_value_t = 10.0)]
     slow_client_timeout: f64,
+    /// Connections at once; more are closed with 4002.
+    #[arg(long, env = "CLICKPULSE_MAX_CONNECTIONS", default_value_t = 50_000)]
+    max_connections: usize,
+    /// Connections at once from one IP address; more are closed with 4002.
+    #[arg(
+        long,
+        env = "CLICKPULSE_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 20_000
+    )]
+    max_connections_per_ip: usize,
+    /// Seconds between pings to a quiet client.
+    #[arg(long, env = "CLICKPULSE_PING_INTERVAL", default_value_t = 20.0)]
+    ping_interval: f64,
+    /// A client heard nothing from (not even a pong) for this many seconds is closed with 4001.
+    #[arg(long, env = "CLICKPULSE_IDLE_TIMEOUT", default_value_t = 45.0)]
+    idle_timeout: f64,
+}
+
+fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{flag} must be a positive number of seconds, not {s}"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -73,10 +96,12 @@ pub fn token(args: TokenArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
     validate_id(&args.id)?;
-    let slow = Duration::try_from_secs_f64(args.slow_client_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .context("--slow-client-timeout must be a positive number of seconds")?;
+    let ping_interval = seconds("ping-interval", args.ping_interval)?;
+    let idle_timeout = seconds("idle-timeout", args.idle_timeout)?;
+    anyhow::ensure!(
+        idle_timeout > ping_interval,
+        "--idle-timeout ({idle_timeout:?}) must be longer than --ping-interval ({ping_interval:?})"
+    );
     let config = GatewayConfig {
         id: args.id,
         listen: args.listen,
@@ -84,7 +109,11 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
         secret: args.secret.into_bytes(),
         limits: Limits {
             max_frame_bytes: args.max_frame_bytes,
-            slow_client_timeout: slow,
+            slow_client_timeout: seconds("slow-client-timeout", args.slow_client_timeout)?,
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            ping_interval,
+            idle_timeout,
         },
     };
     let running = clickpulse_gateway::start(config, shutdown).await?;

@@ -73,23 +73,29 @@ impl Mailbox {
         Arc::new(Mailbox::default())
     }
 
-    /// Queues a message, replacing an unsent one of the same stream.
-    pub fn offer(&self, msg: Outgoing) {
+    /// Queues a message, replacing an unsent one of the same stream; true when it replaced
+    /// one (conflation).
+    pub fn offer(&self, msg: Outgoing) -> bool {
         let mut s = lock(&self.slots);
         if s.closed {
-            return;
+            return false;
         }
         if s.pending.is_empty() {
             s.backlog_since = Some(Instant::now());
         }
-        match s.pending.insert(msg.stream, msg.clone()) {
+        let replaced = match s.pending.insert(msg.stream, msg.clone()) {
             Some(_) => {
                 self.conflated.fetch_add(1, Ordering::Relaxed);
+                true
             }
-            None => s.order.push_back(msg.stream),
-        }
+            None => {
+                s.order.push_back(msg.stream);
+                false
+            }
+        };
         drop(s);
         self.notify.notify_one();
+        replaced
     }
 
     /// Drops pending messages of `stream` (after an unsubscribe).
@@ -202,6 +208,8 @@ struct TenantState {
 #[derive(Debug, Default)]
 pub struct HubStats {
     pub accepted: AtomicU64,
+    /// Results that replaced an unsent older one in a client's mailbox.
+    pub conflated: AtomicU64,
     pub duplicates: AtomicU64,
     pub stale_epochs: AtomicU64,
 }
@@ -238,11 +246,14 @@ impl Hub {
         let mut delivered = 0;
         for sub in t.subscribers.values() {
             if sub.streams.contains(&frame.stream) {
-                sub.mailbox.offer(Outgoing {
+                let replaced = sub.mailbox.offer(Outgoing {
                     stream: frame.stream,
                     json: json.clone(),
                     snapshot: false,
                 });
+                if replaced {
+                    self.stats.conflated.fetch_add(1, Ordering::Relaxed);
+                }
                 delivered += 1;
             }
         }

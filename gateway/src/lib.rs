@@ -92,9 +92,11 @@ pub async fn start(
                 source,
             })?;
     let hub = hub::Hub::new();
+    let ingress_stats = Arc::new(ingress::IngressStats::default());
     let state = server::AppState::new(
         config.id.clone(),
         hub.clone(),
+        ingress_stats.clone(),
         key,
         config.limits,
         shutdown.clone(),
@@ -102,7 +104,7 @@ pub async fn start(
     let ingress_task = tokio::spawn(ingress::run(
         pull,
         hub.clone(),
-        Arc::new(ingress::IngressStats::default()),
+        ingress_stats,
         shutdown.clone(),
     ));
     let app = server::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();

@@ -1,8 +1,9 @@
 //! HTTP and WebSocket side: `/ws` (token checked before the upgrade), `/healthz`.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
 use crate::hub::{Hub, Mailbox, Outgoing};
+use crate::ingress::IngressStats;
 
 /// Limits of one gateway.
 #[derive(Debug, Clone)]
@@ -27,6 +29,14 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// A client with unsent results for this long is closed with 4000 (slow consumer).
     pub slow_client_timeout: Duration,
+    /// Connections at once; more are closed at once with 4002 (over capacity).
+    pub max_connections: usize,
+    /// Connections at once from one IP address; more are closed with 4002.
+    pub max_connections_per_ip: usize,
+    /// How often the gateway pings an otherwise quiet client.
+    pub ping_interval: Duration,
+    /// A client heard nothing from (not even a pong) for this long is closed with 4001.
+    pub idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -34,7 +44,183 @@ impl Default for Limits {
         Limits {
             max_frame_bytes: 16 * 1024,
             slow_client_timeout: Duration::from_secs(10),
+            max_connections: 50_000,
+            max_connections_per_ip: 20_000,
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(45),
         }
+    }
+}
+
+/// Counters and gauges behind `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub slow_client_closes: AtomicU64,
+    pub idle_closes: AtomicU64,
+    pub over_capacity: AtomicU64,
+}
+
+/// Holds a connection's place in the limits; gives it back when dropped.
+struct Admitted {
+    state: Arc<AppState>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = self.state.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl AppState {
+    /// Takes a place for a connection from `ip`, or `None` when a limit is reached.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Admitted> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let from_ip = per_ip.entry(ip).or_default();
+        let total = self.metrics.connections.load(Ordering::Relaxed) as usize;
+        if total >= self.limits.max_connections || *from_ip >= self.limits.max_connections_per_ip {
+            if *from_ip == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *from_ip += 1;
+        self.metrics.connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
+        Some(Admitted {
+            state: self.clone(),
+            ip,
+        })
+    }
+
+    /// The Prometheus text exposition of the gateway's metrics.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let h = &self.hub.stats;
+        let i = &self.ingress;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows = [
+            (
+                "clickpulse_gateway_connections",
+                "gauge",
+                "Open WebSocket connections.",
+                "",
+                get(&m.connections),
+            ),
+            (
+                "clickpulse_gateway_connections_total",
+                "counter",
+                "WebSocket connections accepted.",
+                "",
+                get(&m.connections_total),
+            ),
+            (
+                "clickpulse_gateway_auth_failures_total",
+                "counter",
+                "Upgrades refused for a missing or bad token.",
+                "",
+                get(&m.auth_failures),
+            ),
+            (
+                "clickpulse_gateway_messages_in_total",
+                "counter",
+                "Messages received from clients.",
+                "",
+                get(&m.messages_in),
+            ),
+            (
+                "clickpulse_gateway_messages_out_total",
+                "counter",
+                "Results sent to clients.",
+                "",
+                get(&m.messages_out),
+            ),
+            (
+                "clickpulse_gateway_results_in_total",
+                "counter",
+                "Result frames received from engines.",
+                "",
+                get(&i.frames),
+            ),
+            (
+                "clickpulse_gateway_results_conflated_total",
+                "counter",
+                "Results that replaced an unsent older one for a client.",
+                "",
+                get(&h.conflated),
+            ),
+            (
+                "clickpulse_gateway_results_dropped_total",
+                "counter",
+                "Result frames dropped, by reason.",
+                "reason=\"duplicate\"",
+                get(&h.duplicates),
+            ),
+            (
+                "clickpulse_gateway_results_dropped_total",
+                "counter",
+                "",
+                "reason=\"stale_epoch\"",
+                get(&h.stale_epochs),
+            ),
+            (
+                "clickpulse_gateway_results_dropped_total",
+                "counter",
+                "",
+                "reason=\"bad_frame\"",
+                get(&i.bad_frames),
+            ),
+            (
+                "clickpulse_gateway_closes_total",
+                "counter",
+                "Connections closed by the gateway, by reason.",
+                "reason=\"slow_consumer\"",
+                get(&m.slow_client_closes),
+            ),
+            (
+                "clickpulse_gateway_closes_total",
+                "counter",
+                "",
+                "reason=\"idle_timeout\"",
+                get(&m.idle_closes),
+            ),
+            (
+                "clickpulse_gateway_closes_total",
+                "counter",
+                "",
+                "reason=\"over_capacity\"",
+                get(&m.over_capacity),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, labels, value) in rows {
+            if !help.is_empty() {
+                out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+            if labels.is_empty() {
+                out.push_str(&format!("{name} {value}\n"));
+            } else {
+                out.push_str(&format!("{name}{{{labels}}} {value}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -43,17 +229,20 @@ impl Default for Limits {
 pub struct AppState {
     pub gateway_id: String,
     pub hub: Arc<Hub>,
+    pub ingress: Arc<IngressStats>,
     pub key: TokenKey,
     pub limits: Limits,
     pub shutdown: CancellationToken,
+    pub metrics: Metrics,
     next_client: AtomicU64,
-    pub auth_failures: AtomicU64,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl AppState {
     pub fn new(
         gateway_id: String,
         hub: Arc<Hub>,
+        ingress: Arc<IngressStats>,
         key: TokenKey,
         limits: Limits,
         shutdown: CancellationToken,
@@ -61,11 +250,13 @@ impl AppState {
         Arc::new(AppState {
             gateway_id,
             hub,
+            ingress,
             key,
             limits,
             shutdown,
+            metrics: Metrics::default(),
             next_client: AtomicU64::new(1),
-            auth_failures: AtomicU64::new(0),
+            per_ip: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -73,8 +264,28 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/ws", get(ws_handler))
         .with_state(state)
+}
+
+/// Ready while not shutting down: the HTTP listener and the ZeroMQ socket are bound before the
+/// router serves at all. (The ZooKeeper session joins this check with job control.)
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        (StatusCode::OK, "ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.render_metrics(),
+    )
+        .into_response()
 }
 
 /// The token from `Sec-WebSocket-Protocol: clickpulse.v1, <token>` or `?token=`.
@@ -106,7 +317,7 @@ fn token_from(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, bool
 }
 
 fn unauthorized(state: &AppState, error: AuthError) -> Response {
-    state.auth_failures.fetch_add(1, Ordering::Relaxed);
+    state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%error, "websocket refused");
     let body = serde_json::json!({"error": "unauthorized", "reason": error.to_string()});
     (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response()
@@ -168,6 +379,16 @@ async fn serve_client(
     client: u64,
     peer: SocketAddr,
 ) {
+    let Some(_admitted) = state.admit(peer.ip()) else {
+        state.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, "connection over capacity closed");
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            socket.send(close(CloseCode::OverCapacity)),
+        )
+        .await;
+        return;
+    };
     let tenant = claims.tenant.clone();
     let client_id = format!("c-{client}");
     tracing::info!(%tenant, client = %client_id, %peer, "client connected");
@@ -179,6 +400,9 @@ async fn serve_client(
     };
     let mailbox = Mailbox::new();
     let mut slow_check = tokio::time::interval(Duration::from_millis(250));
+    let mut ping = tokio::time::interval(state.limits.ping_interval);
+    ping.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
     let end = if socket.send(text(&welcome)).await.is_err() {
         None
     } else {
@@ -190,12 +414,16 @@ async fn serve_client(
                     // A client that stops reading fills its TCP buffers and blocks the send:
                     // bounded, or the slow-client check below would never run.
                     match tokio::time::timeout(state.limits.slow_client_timeout, socket.send(result_text(&out))).await {
-                        Ok(Ok(())) => {}
+                        Ok(Ok(())) => {
+                            state.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                        }
                         Ok(Err(_)) => break None,
                         Err(_) => break Some(CloseCode::SlowConsumer),
                     }
                 }
-                incoming = socket.recv() => match incoming {
+                incoming = socket.recv() => {
+                    last_heard = tokio::time::Instant::now();
+                    match incoming {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Err(e)) => {
                         // The only read error a client causes on purpose: an oversized frame.
@@ -204,6 +432,7 @@ async fn serve_client(
                         break too_big.then_some(CloseCode::TooBig);
                     }
                     Some(Ok(Message::Text(t))) => {
+                        state.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                         let reply = match serde_json::from_str::<ClientMsg>(t.as_str()) {
                             Ok(ClientMsg::Subscribe { streams, max_rate_hz }) => {
                                 if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
@@ -237,11 +466,20 @@ async fn serve_client(
                             break None;
                         }
                     }
-                    Some(Ok(_)) => {} // ping/pong are answered by the library
-                },
+                    Some(Ok(_)) => {} // pings are answered by the library; pongs only count as heard
+                    }
+                }
                 _ = slow_check.tick() => {
                     if mailbox.backlog_age().is_some_and(|age| age > state.limits.slow_client_timeout) {
                         break Some(CloseCode::SlowConsumer);
+                    }
+                    if last_heard.elapsed() > state.limits.idle_timeout {
+                        break Some(CloseCode::IdleTimeout);
+                    }
+                }
+                _ = ping.tick() => {
+                    if socket.send(Message::Ping(Default::default())).await.is_err() {
+                        break None;
                     }
                 }
             }
@@ -249,6 +487,14 @@ async fn serve_client(
     };
     state.hub.remove(&tenant, client);
     mailbox.close();
+    match end {
+        Some(CloseCode::SlowConsumer) => state
+            .metrics
+            .slow_client_closes
+            .fetch_add(1, Ordering::Relaxed),
+        Some(CloseCode::IdleTimeout) => state.metrics.idle_closes.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
     if let Some(code) = end {
         let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(close(code))).await;
     }

@@ -164,6 +164,7 @@ async fn tokens_are_checked_before_the_upgrade() {
     );
     assert_eq!(
         gw.state
+            .metrics
             .auth_failures
             .load(std::sync::atomic::Ordering::Relaxed),
         4
@@ -400,4 +401,126 @@ async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_va
         Some(&100),
         "the newest value arrives: {seqs:?}"
     );
+}
+
+/// A plain HTTP/1.0 GET: (status, body).
+async fn http_get(gw: &Running, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
+    let limits = Limits {
+        ping_interval: Duration::from_millis(100),
+        idle_timeout: Duration::from_millis(400),
+        ..Limits::default()
+    };
+    let (gw, _stop) = gateway(limits).await;
+    let mut silent = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    // Read nothing (so no pong goes back) for longer than the idle timeout. When the client
+    // reads at last it answers the queued pings on a closed socket, so the gateway's own count
+    // is what tells why it closed.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let idle_closes = || {
+        gw.state
+            .metrics
+            .idle_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(idle_closes(), 1);
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), silent.next()).await {}
+    // A client that reads (and so answers pings) stays.
+    let mut lively = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(1200);
+    while std::time::Instant::now() < until {
+        if let Ok(Some(Ok(Message::Close(_)))) =
+            tokio::time::timeout(Duration::from_millis(50), lively.next()).await
+        {
+            panic!("a client answering pings was closed");
+        }
+    }
+    assert_eq!(idle_closes(), 1);
+}
+
+#[tokio::test]
+async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
+    let (gw, _stop) = gateway(Limits {
+        max_connections_per_ip: 2,
+        ..Limits::default()
+    })
+    .await;
+    let mut a = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    let mut b = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut a).await;
+    next_json(&mut b).await;
+    let mut c = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut c).await,
+        Some(CloseCode::OverCapacity.code())
+    );
+    drop(a);
+    // the place is given back when a client leaves
+    let start = std::time::Instant::now();
+    loop {
+        let mut d = connect(&gw, &token("acme", &[Right::View], 60))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), d.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => break,
+            _ if start.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("no place after a client left: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_and_readiness_are_served() {
+    let (gw, stop) = gateway(Limits::default()).await;
+    assert_eq!(http_get(&gw, "/healthz").await, (200, "ok".into()));
+    assert_eq!(http_get(&gw, "/readyz").await.0, 200);
+    let _ = connect(&gw, "forged").await;
+    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    let (status, metrics) = http_get(&gw, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "clickpulse_gateway_connections 1",
+        "clickpulse_gateway_auth_failures_total 1",
+        "# TYPE clickpulse_gateway_results_dropped_total counter",
+        "clickpulse_gateway_results_dropped_total{reason=\"stale_epoch\"} 0",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} missing from:\n{metrics}"
+        );
+    }
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }

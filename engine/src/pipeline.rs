@@ -53,7 +53,7 @@ pub enum EngineError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("snapshot does not decode: {0}")]
+    #[error("snapshot does not encode or decode: {0}")]
     Snapshot(String),
 }
 
@@ -158,8 +158,9 @@ impl<S: HistoryStore> Pipeline<S> {
         self.state.clone()
     }
 
-    pub fn snapshot_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(&self.state).unwrap_or_default()
+    /// The snapshot as bytes, ready for a checkpoint record.
+    pub fn snapshot_bytes(&self) -> Result<Vec<u8>, EngineError> {
+        serde_json::to_vec(&self.state).map_err(|e| EngineError::Snapshot(e.to_string()))
     }
 
     pub fn state_from_bytes(bytes: &[u8]) -> Result<PipelineState, EngineError> {

@@ -125,7 +125,7 @@ proptest! {
         }
         whole.take_results();
         // Through bytes, as a checkpoint would travel.
-        let state = Pipeline::<MemStore>::state_from_bytes(&whole.snapshot_bytes()).unwrap();
+        let state = Pipeline::<MemStore>::state_from_bytes(&whole.snapshot_bytes().unwrap()).unwrap();
         let mut restored = Pipeline::restore(acme(), 1, state, whole.store().clone());
         for p in [&mut whole, &mut restored] {
             for a in &arrivals[cut..] {

@@ -55,6 +55,13 @@ async fn connect(gw: &Running, token: &str) -> Result<Ws, tokio_tungstenite::tun
         .map(|(ws, _)| ws)
 }
 
+/// A connected socket with a valid view token of `tenant` (the welcome not yet read).
+async fn viewer(gw: &Running, tenant: &str) -> Ws {
+    connect(gw, &token(tenant, &[Right::View], 60))
+        .await
+        .unwrap()
+}
+
 fn status_of(err: tokio_tungstenite::tungstenite::Error) -> u16 {
     match err {
         tokio_tungstenite::tungstenite::Error::Http(response) => response.status().as_u16(),
@@ -193,9 +200,7 @@ async fn a_subscriber_gets_the_latest_result_at_once_then_live_ones_of_its_tenan
     push(&mut engine, &result("acme", 1, 2, 20)).await;
     push(&mut engine, &result("globex", 1, 1, 99)).await;
 
-    let mut acme = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut acme = viewer(&gw, "acme").await;
     let welcome = next_json(&mut acme).await;
     assert_eq!(
         (welcome["type"].as_str(), welcome["tenant"].as_str()),
@@ -220,9 +225,7 @@ async fn a_subscriber_gets_the_latest_result_at_once_then_live_ones_of_its_tenan
     );
     assert_eq!(snapshot["result"]["data"]["pages"][0]["views"], 20);
 
-    let mut globex = connect(&gw, &token("globex", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut globex = viewer(&gw, "globex").await;
     next_json(&mut globex).await;
     subscribe(&mut globex, r#""topn""#).await;
     assert_eq!(next_json(&mut globex).await["result"]["tenant"], "globex");
@@ -251,12 +254,8 @@ async fn bad_frames_get_an_error_or_1009_and_other_clients_are_unaffected() {
         ..Limits::default()
     })
     .await;
-    let mut a = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
-    let mut b = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut a = viewer(&gw, "acme").await;
+    let mut b = viewer(&gw, "acme").await;
     next_json(&mut a).await;
     next_json(&mut b).await;
     a.send(Message::Text("not json".into())).await.unwrap();
@@ -285,9 +284,7 @@ async fn bad_frames_get_an_error_or_1009_and_other_clients_are_unaffected() {
 #[tokio::test]
 async fn shutdown_closes_clients_with_1001() {
     let (gw, stop) = gateway(Limits::default()).await;
-    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut ws = viewer(&gw, "acme").await;
     next_json(&mut ws).await;
     stop.cancel();
     assert_eq!(close_code(&mut ws).await, Some(CloseCode::GoingAway.code()));
@@ -306,9 +303,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_memory_stays_bounded() {
     })
     .await;
     let acme = Tenant::new("acme").unwrap();
-    let mut stuck = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut stuck = viewer(&gw, "acme").await;
     next_json(&mut stuck).await;
     subscribe(&mut stuck, r#""topn""#).await;
     let start = std::time::Instant::now();
@@ -365,9 +360,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_memory_stays_bounded() {
 #[tokio::test]
 async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_values() {
     let (gw, _stop) = gateway(Limits::default()).await;
-    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut ws = viewer(&gw, "acme").await;
     next_json(&mut ws).await;
     ws.send(Message::Text(
         r#"{"type":"subscribe","streams":["topn"],"max_rate_hz":4}"#.into(),
@@ -429,9 +422,7 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
         ..Limits::default()
     };
     let (gw, _stop) = gateway(limits).await;
-    let mut silent = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut silent = viewer(&gw, "acme").await;
     // Read nothing (so no pong goes back) for longer than the idle timeout. When the client
     // reads at last it answers the queued pings on a closed socket, so the gateway's own count
     // is what tells why it closed.
@@ -445,9 +436,7 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     assert_eq!(idle_closes(), 1);
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), silent.next()).await {}
     // A client that reads (and so answers pings) stays.
-    let mut lively = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut lively = viewer(&gw, "acme").await;
     let until = std::time::Instant::now() + Duration::from_millis(1200);
     while std::time::Instant::now() < until {
         if let Ok(Some(Ok(Message::Close(_)))) =
@@ -466,17 +455,11 @@ async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
         ..Limits::default()
     })
     .await;
-    let mut a = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
-    let mut b = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut a = viewer(&gw, "acme").await;
+    let mut b = viewer(&gw, "acme").await;
     next_json(&mut a).await;
     next_json(&mut b).await;
-    let mut c = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut c = viewer(&gw, "acme").await;
     assert_eq!(
         close_code(&mut c).await,
         Some(CloseCode::OverCapacity.code())
@@ -485,9 +468,7 @@ async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
     // the place is given back when a client leaves
     let start = std::time::Instant::now();
     loop {
-        let mut d = connect(&gw, &token("acme", &[Right::View], 60))
-            .await
-            .unwrap();
+        let mut d = viewer(&gw, "acme").await;
         match tokio::time::timeout(Duration::from_secs(2), d.next()).await {
             Ok(Some(Ok(Message::Text(_)))) => break,
             _ if start.elapsed() < Duration::from_secs(5) => {
@@ -504,9 +485,7 @@ async fn metrics_and_readiness_are_served() {
     assert_eq!(http_get(&gw, "/healthz").await, (200, "ok".into()));
     assert_eq!(http_get(&gw, "/readyz").await.0, 200);
     let _ = connect(&gw, "forged").await;
-    let mut ws = connect(&gw, &token("acme", &[Right::View], 60))
-        .await
-        .unwrap();
+    let mut ws = viewer(&gw, "acme").await;
     next_json(&mut ws).await;
     let (status, metrics) = http_get(&gw, "/metrics").await;
     assert_eq!(status, 200);

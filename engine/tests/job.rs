@@ -82,11 +82,15 @@ async fn run_until_quiet(config: JobConfig) -> (Vec<ResultMsg>, JobReport) {
     (got, report)
 }
 
-/// Collects results until none came for `quiet`.
+/// Collects results: waits up to 60 s for the first (the job's start-up), then until none
+/// came for `quiet`.
 async fn collect(rx: &mut mpsc::Receiver<ResultMsg>, quiet: Duration) -> Vec<ResultMsg> {
     let mut out = Vec::new();
-    while let Ok(Some(r)) = tokio::time::timeout(quiet, rx.recv()).await {
-        out.push(r);
+    if let Ok(Some(first)) = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+        out.push(first);
+        while let Ok(Some(r)) = tokio::time::timeout(quiet, rx.recv()).await {
+            out.push(r);
+        }
     }
     out
 }

@@ -376,9 +376,10 @@ async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_va
         }
         engine
     });
+    // Read until the newest result arrives (bounded), then check the rate over that time.
     let mut seqs = Vec::new();
     let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_millis(2500) {
+    while seqs.last() != Some(&100) && start.elapsed() < Duration::from_secs(20) {
         if let Ok(Some(Ok(Message::Text(t)))) =
             tokio::time::timeout(Duration::from_millis(100), ws.next()).await
         {
@@ -386,14 +387,21 @@ async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_va
             seqs.push(v["result"]["seq"].as_u64().unwrap());
         }
     }
+    let elapsed = start.elapsed().as_secs_f64();
     let _engine = pusher.await.unwrap();
-    assert!((3..=12).contains(&seqs.len()), "received {seqs:?}");
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
     assert_eq!(
         seqs.last(),
         Some(&100),
         "the newest value arrives: {seqs:?}"
     );
+    let allowed = (elapsed * 4.0).ceil() as usize + 1;
+    assert!(
+        seqs.len() <= allowed,
+        "{} results in {elapsed:.2} s at 4 Hz: {seqs:?}",
+        seqs.len()
+    );
+    assert!(seqs.len() < 50, "not capped at all: {seqs:?}");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
 }
 
 /// A plain HTTP/1.0 GET: (status, body).
@@ -418,7 +426,7 @@ async fn http_get(gw: &Running, path: &str) -> (u16, String) {
 async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     let limits = Limits {
         ping_interval: Duration::from_millis(100),
-        idle_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_millis(1000),
         ..Limits::default()
     };
     let (gw, _stop) = gateway(limits).await;
@@ -426,7 +434,7 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     // Read nothing (so no pong goes back) for longer than the idle timeout. When the client
     // reads at last it answers the queued pings on a closed socket, so the gateway's own count
     // is what tells why it closed.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let idle_closes = || {
         gw.state
             .metrics
@@ -437,7 +445,7 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), silent.next()).await {}
     // A client that reads (and so answers pings) stays.
     let mut lively = viewer(&gw, "acme").await;
-    let until = std::time::Instant::now() + Duration::from_millis(1200);
+    let until = std::time::Instant::now() + Duration::from_millis(2500);
     while std::time::Instant::now() < until {
         if let Ok(Some(Ok(Message::Close(_)))) =
             tokio::time::timeout(Duration::from_millis(50), lively.next()).await

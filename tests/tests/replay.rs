@@ -43,6 +43,46 @@ fn config(bootstrap: &str, tenants: &[Tenant], source: Source) -> ReplayConfig {
     ReplayConfig::new(source, bootstrap, tenants.to_vec())
 }
 
+/// Waits (at most `limit`) until `topic` holds a record: the replay is then surely producing.
+fn wait_for_first_record(bootstrap: &str, topic: &str, limit: Duration) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique_name("first"))
+        .create()
+        .unwrap();
+    let start = Instant::now();
+    let mut assigned = false;
+    while start.elapsed() < limit {
+        if !assigned {
+            let partitions: Vec<i32> = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(1))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .filter(|t| t.error().is_none())
+                        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if partitions.is_empty() {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let mut list = TopicPartitionList::new();
+            for p in partitions {
+                list.add_partition_offset(topic, p, Offset::Beginning)
+                    .unwrap();
+            }
+            consumer.assign(&list).unwrap();
+            assigned = true;
+        }
+        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+            return;
+        }
+    }
+    panic!("no record reached {topic} within {limit:?}");
+}
+
 /// One consumed record, as the checks need it.
 struct Seen {
     partition: i32,
@@ -229,16 +269,14 @@ fn a_broker_that_goes_away_mid_replay_stops_it_with_a_clear_error() {
     // 400 000 users span about 9.7 h of event time: at 3 000× that is about 12 s of replay.
     cfg.speed = Speed::Factor(3_000.0);
     cfg.kafka.delivery_timeout = Duration::from_secs(3);
-    let replay = std::thread::spawn(move || {
-        let start = Instant::now();
-        (
-            clickpulse_replay::run(&cfg, &CancellationToken::new()),
-            start.elapsed(),
-        )
-    });
-    std::thread::sleep(Duration::from_secs(3));
+    let replay =
+        std::thread::spawn(move || clickpulse_replay::run(&cfg, &CancellationToken::new()));
+    // Kill the broker once the replay is surely producing, however long its start-up took.
+    wait_for_first_record(broker.bootstrap(), "clicks.acme", Duration::from_secs(60));
     broker.kill();
-    let (result, elapsed) = replay.join().unwrap();
+    let killed = Instant::now();
+    let result = replay.join().unwrap();
+    let noticed = killed.elapsed();
     let err = result.expect_err("a replay without a broker cannot succeed");
     assert!(
         matches!(&err, ReplayError::Kafka(e) if matches!(
@@ -247,9 +285,10 @@ fn a_broker_that_goes_away_mid_replay_stops_it_with_a_clear_error() {
         )),
         "{err}"
     );
+    // the delivery timeout (3 s) and the final flush wait (5 s), with slack
     assert!(
-        elapsed < Duration::from_secs(15),
-        "noticed only after {elapsed:?}"
+        noticed < Duration::from_secs(15),
+        "noticed only after {noticed:?}"
     );
 }
 
@@ -269,8 +308,10 @@ fn cancelling_stops_the_replay_early_and_everything_sent_is_acknowledged() {
     let shutdown = CancellationToken::new();
     let canceller = {
         let shutdown = shutdown.clone();
+        let bootstrap = broker.bootstrap().to_owned();
+        let topic = topics::clicks(&tenant);
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(2));
+            wait_for_first_record(&bootstrap, &topic, Duration::from_secs(60));
             shutdown.cancel();
         })
     };

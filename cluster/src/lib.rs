@@ -1,0 +1,22 @@
+//! The one ZooKeeper session implementation shared by gateways, engines and the ops CLI.
+//!
+//! ```text
+//!  ZkSession::connect ── bounded retries with backoff ──▶ zookeeper_client::Client
+//!       │                                                        │ state watcher
+//!       │ register(path, data)  ─▶ ephemeral node, remembered    ▼
+//!       │ register_many(...)    ─▶ pipelined, bounded in flight  keeper task:
+//!       │ deregister(path)      ─▶ deleted, forgotten              Expired ─▶ new session (backoff)
+//!       ▼                                                                 ─▶ every remembered
+//!  close() ─▶ the session ends; the server deletes its ephemerals         ephemeral recreated
+//! ```
+//!
+//! An ephemeral node lives as long as the session that created it. A session can expire (a
+//! long network cut, a paused process); the server then deletes its ephemerals. Like Apache
+//! Curator's `PersistentNode`, this session remembers what it registered and recreates it on
+//! the new session, so no client silently disappears from the registry.
+#![forbid(unsafe_code)]
+
+mod session;
+
+pub use session::{ZkConfig, ZkError, ZkSession};
+pub use zookeeper_client as zk;

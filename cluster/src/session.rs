@@ -1,0 +1,321 @@
+//! [`ZkSession`]: a ZooKeeper session that survives its own expiry.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{StreamExt, stream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use zookeeper_client as zk;
+
+/// Requests in flight at once during a bulk registration: enough to pipeline over the one
+/// connection, bounded so a storm cannot queue without limit.
+pub const MAX_IN_FLIGHT: usize = 512;
+
+/// How to reach ZooKeeper.
+#[derive(Debug, Clone)]
+pub struct ZkConfig {
+    /// `host:port[,host:port…]`.
+    pub connect: String,
+    /// Session timeout asked of the server (it clamps it to its 2–20 ticks).
+    pub session_timeout: Duration,
+    /// How long to keep trying to connect at start-up.
+    pub connect_timeout: Duration,
+}
+
+/// What went wrong with ZooKeeper.
+#[derive(Debug, thiserror::Error)]
+pub enum ZkError {
+    #[error(
+        "cannot reach ZooKeeper at {connect} after {attempts} attempts over {waited:.1?} \
+         (is it running? check --zookeeper): {last}"
+    )]
+    Unreachable {
+        connect: String,
+        attempts: u32,
+        waited: Duration,
+        last: zk::Error,
+    },
+    #[error("ZooKeeper {op} {path}: {error}")]
+    Op {
+        op: &'static str,
+        path: String,
+        error: zk::Error,
+    },
+    #[error("{path} is held by another session ({owner:#x})")]
+    Taken { path: String, owner: i64 },
+}
+
+fn op<'a>(op: &'static str, path: &'a str) -> impl FnOnce(zk::Error) -> ZkError + 'a {
+    move |error| ZkError::Op {
+        op,
+        path: path.to_owned(),
+        error,
+    }
+}
+
+struct Shared {
+    config: ZkConfig,
+    client: RwLock<zk::Client>,
+    /// Ephemeral nodes this process owns: recreated on every new session.
+    owned: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// Sessions established so far (1 after connect; +1 per recovery from expiry).
+    generation: AtomicU64,
+    stop: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn client(&self) -> zk::Client {
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// A ZooKeeper session that keeps its ephemeral nodes across session expiry.
+pub struct ZkSession {
+    shared: Arc<Shared>,
+    keeper: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ZkSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZkSession")
+            .field("connect", &self.shared.config.connect)
+            .field("session", &self.session_id())
+            .finish()
+    }
+}
+
+async fn connect_once(config: &ZkConfig, budget: Duration) -> Result<zk::Client, zk::Error> {
+    zk::Client::connector()
+        .with_session_timeout(config.session_timeout)
+        .with_connection_timeout(budget.clamp(Duration::from_millis(200), Duration::from_secs(5)))
+        .connect(&config.connect)
+        .await
+}
+
+/// Connects, retrying with exponential backoff until `budget` is spent (or forever when
+/// `budget` is `None`, as after an expiry) or `stop` is cancelled.
+async fn connect_with_retries(
+    config: &ZkConfig,
+    budget: Option<Duration>,
+    stop: &CancellationToken,
+) -> Result<zk::Client, ZkError> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let remaining = budget.map_or(Duration::from_secs(5), |b| {
+            b.saturating_sub(start.elapsed())
+        });
+        let last = match connect_once(config, remaining).await {
+            Ok(client) => return Ok(client),
+            Err(e) => e,
+        };
+        let out_of_time = budget.is_some_and(|b| start.elapsed() + backoff >= b);
+        if out_of_time || stop.is_cancelled() {
+            return Err(ZkError::Unreachable {
+                connect: config.connect.clone(),
+                attempts,
+                waited: start.elapsed(),
+                last,
+            });
+        }
+        tracing::warn!(connect = %config.connect, attempts, error = %last, "zookeeper not reachable yet");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Creates `path` as an ephemeral node of `client`'s session, creating missing persistent
+/// parents. A node left by this very session is updated instead.
+async fn create_ephemeral(client: &zk::Client, path: &str, data: &[u8]) -> Result<(), ZkError> {
+    let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
+    for _ in 0..3 {
+        match client.create(path, data, &options).await {
+            Ok(_) => return Ok(()),
+            Err(zk::Error::NoNode) => ensure_parents(client, path).await?,
+            Err(zk::Error::NodeExists) => {
+                let stat = match client.check_stat(path).await.map_err(op("stat", path))? {
+                    Some(stat) => stat,
+                    None => continue, // deleted meanwhile: create again
+                };
+                if stat.ephemeral_owner != client.session_id().0 {
+                    return Err(ZkError::Taken {
+                        path: path.to_owned(),
+                        owner: stat.ephemeral_owner,
+                    });
+                }
+                client
+                    .set_data(path, data, None)
+                    .await
+                    .map_err(op("set", path))?;
+                return Ok(());
+            }
+            Err(e) => return Err(op("create", path)(e)),
+        }
+    }
+    Err(op("create", path)(zk::Error::NoNode))
+}
+
+/// Creates every missing ancestor of `path` as a persistent node.
+async fn ensure_parents(client: &zk::Client, path: &str) -> Result<(), ZkError> {
+    let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let mut prefix = String::new();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    for part in parts.iter().take(parts.len().saturating_sub(1)) {
+        prefix.push('/');
+        prefix.push_str(part);
+        match client.create(&prefix, &[], &options).await {
+            Ok(_) | Err(zk::Error::NodeExists) => {}
+            Err(e) => return Err(op("create", &prefix)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Creates many ephemerals with at most [`MAX_IN_FLIGHT`] requests outstanding.
+async fn create_all(client: &zk::Client, nodes: Vec<(String, Vec<u8>)>) -> Result<(), ZkError> {
+    let mut results = stream::iter(nodes.into_iter().map(|(path, data)| {
+        let client = client.clone();
+        async move { create_ephemeral(&client, &path, &data).await }
+    }))
+    .buffer_unordered(MAX_IN_FLIGHT);
+    while let Some(result) = results.next().await {
+        result?;
+    }
+    Ok(())
+}
+
+impl ZkSession {
+    /// Connects (bounded retries for `connect_timeout`) and starts keeping the session.
+    pub async fn connect(config: ZkConfig, shutdown: &CancellationToken) -> Result<Self, ZkError> {
+        let stop = shutdown.child_token();
+        let client = connect_with_retries(&config, Some(config.connect_timeout), &stop).await?;
+        tracing::info!(connect = %config.connect, session = %client.session_id(), "zookeeper session started");
+        let shared = Arc::new(Shared {
+            config,
+            client: RwLock::new(client),
+            owned: Mutex::new(BTreeMap::new()),
+            generation: AtomicU64::new(1),
+            stop,
+        });
+        let keeper = tokio::spawn(keep(shared.clone()));
+        Ok(ZkSession { shared, keeper })
+    }
+
+    /// The current client (a new one after each session expiry).
+    pub fn client(&self) -> zk::Client {
+        self.shared.client()
+    }
+
+    pub fn session_id(&self) -> i64 {
+        self.shared.client().session_id().0
+    }
+
+    /// Sessions established so far: 1, plus one per recovery from expiry.
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Relaxed)
+    }
+
+    /// Creates `path` and its missing ancestors as persistent nodes.
+    pub async fn ensure_path(&self, path: &str) -> Result<(), ZkError> {
+        let client = self.client();
+        ensure_parents(&client, path).await?;
+        let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+        match client.create(path, &[], &options).await {
+            Ok(_) | Err(zk::Error::NodeExists) => Ok(()),
+            Err(e) => Err(op("create", path)(e)),
+        }
+    }
+
+    /// Creates an ephemeral node owned by this process, kept across session expiry until
+    /// [`ZkSession::deregister`].
+    pub async fn register(&self, path: &str, data: Vec<u8>) -> Result<(), ZkError> {
+        create_ephemeral(&self.client(), path, &data).await?;
+        lock(&self.shared.owned).insert(path.to_owned(), data);
+        Ok(())
+    }
+
+    /// Registers many nodes, pipelined over the one connection (bounded in flight), not one
+    /// round trip after another.
+    pub async fn register_many(&self, nodes: Vec<(String, Vec<u8>)>) -> Result<(), ZkError> {
+        create_all(&self.client(), nodes.clone()).await?;
+        lock(&self.shared.owned).extend(nodes);
+        Ok(())
+    }
+
+    /// Deletes a node this process registered; it is not recreated any more.
+    pub async fn deregister(&self, path: &str) -> Result<(), ZkError> {
+        lock(&self.shared.owned).remove(path);
+        match self.client().delete(path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(op("delete", path)(e)),
+        }
+    }
+
+    /// Paths this process owns.
+    pub fn owned(&self) -> Vec<String> {
+        lock(&self.shared.owned).keys().cloned().collect()
+    }
+
+    /// Ends the session: the server deletes its ephemerals at once.
+    pub async fn close(self) {
+        self.shared.stop.cancel();
+        let _ = self.keeper.await;
+        tracing::info!(connect = %self.shared.config.connect, "zookeeper session closed");
+        // Dropping the last client sends CloseSession.
+    }
+}
+
+/// Watches the session; after an expiry, opens a new one and recreates every owned node.
+async fn keep(shared: Arc<Shared>) {
+    loop {
+        let mut watcher = shared.client().state_watcher();
+        let state = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            state = watcher.changed() => state,
+        };
+        match state {
+            zk::SessionState::Expired => {
+                tracing::warn!("zookeeper session expired; opening a new one");
+                let client = match connect_with_retries(&shared.config, None, &shared.stop).await {
+                    Ok(c) => c,
+                    Err(_) => return, // only when stopping
+                };
+                *shared.client.write().unwrap_or_else(|e| e.into_inner()) = client.clone();
+                shared.generation.fetch_add(1, Ordering::Relaxed);
+                let nodes: Vec<(String, Vec<u8>)> = lock(&shared.owned)
+                    .iter()
+                    .map(|(p, d)| (p.clone(), d.clone()))
+                    .collect();
+                let count = nodes.len();
+                match create_all(&client, nodes).await {
+                    Ok(()) => tracing::info!(
+                        session = %client.session_id(),
+                        nodes = count,
+                        "zookeeper session replaced; registrations recreated"
+                    ),
+                    Err(error) => tracing::error!(%error, "recreating registrations failed"),
+                }
+            }
+            zk::SessionState::Closed | zk::SessionState::AuthFailed => {
+                tracing::error!(?state, "zookeeper session ended");
+                return;
+            }
+            other => tracing::info!(state = ?other, "zookeeper connection state"),
+        }
+    }
+}

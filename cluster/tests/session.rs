@@ -1,0 +1,214 @@
+//! The session layer on a real ZooKeeper: registrations live with the session, come back after
+//! it expires, survive a server restart, and a storm of them is pipelined.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
+
+use std::time::{Duration, Instant};
+
+use clickpulse_cluster::{ZkConfig, ZkError, ZkSession, zk};
+use clickpulse_tests::{ZkOptions, ZooKeeper, unique_name};
+use tokio_util::sync::CancellationToken;
+
+fn config(zk: &ZooKeeper) -> ZkConfig {
+    ZkConfig {
+        connect: zk.connect_string().to_owned(),
+        session_timeout: Duration::from_secs(4),
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+/// An independent client to look at the tree.
+async fn observer(zk: &ZooKeeper) -> zk::Client {
+    zk::Client::connect(zk.connect_string()).await.unwrap()
+}
+
+/// Waits (bounded) until `check` holds.
+async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_registration_is_an_ephemeral_of_the_session_and_goes_with_it() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let path = format!("{root}/gateways/gw-1");
+    session.register(&path, b"hello".to_vec()).await.unwrap();
+    let look = observer(&zk).await;
+    let (data, stat) = look.get_data(&path).await.unwrap();
+    assert_eq!(data, b"hello");
+    assert_eq!(stat.ephemeral_owner, session.session_id());
+    // registering again updates the payload
+    session.register(&path, b"again".to_vec()).await.unwrap();
+    assert_eq!(look.get_data(&path).await.unwrap().0, b"again");
+    session.close().await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            look.check_stat(&path).await.unwrap().is_none()
+        })
+        .await,
+        "the node outlived its session"
+    );
+}
+
+#[tokio::test]
+async fn registrations_come_back_after_the_session_expires() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let a = format!("{root}/tenants/acme/clients/gw-1.c-1");
+    let b = format!("{root}/tenants/acme/clients/gw-1.c-2");
+    session.register(&a, b"a".to_vec()).await.unwrap();
+    session.register(&b, b"b".to_vec()).await.unwrap();
+    session.deregister(&b).await.unwrap();
+    let old = session.session_id();
+
+    // Expire the session the way the server does: another client takes it over and closes it.
+    let info = session.client().session().clone();
+    let thief = zk::Client::connector()
+        .with_session(info)
+        .connect(zk.connect_string())
+        .await
+        .unwrap();
+    drop(thief);
+
+    let look = observer(&zk).await;
+    let back = eventually(Duration::from_secs(20), || async {
+        matches!(look.get_data(&a).await, Ok((_, stat)) if stat.ephemeral_owner != old && stat.ephemeral_owner != 0)
+    })
+    .await;
+    assert!(back, "the registration did not come back on a new session");
+    assert_eq!(session.generation(), 2);
+    assert_eq!(look.get_data(&a).await.unwrap().0, b"a");
+    assert!(
+        look.check_stat(&b).await.unwrap().is_none(),
+        "a deregistered node was recreated"
+    );
+    session.close().await;
+}
+
+#[tokio::test]
+async fn a_zookeeper_restart_is_survived_without_manual_action() {
+    let mut zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let path = format!("{root}/engines/e-1");
+    session.register(&path, b"e".to_vec()).await.unwrap();
+    zk.kill();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    zk.restart().unwrap();
+    let look = observer(&zk).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            look.get_data(&path).await.is_ok()
+        })
+        .await,
+        "the registration is gone after a ZooKeeper restart"
+    );
+    // and the session still works for new registrations
+    session
+        .register(&format!("{root}/engines/e-2"), vec![])
+        .await
+        .unwrap();
+    session.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_zookeeper_is_a_clear_error_within_the_connect_timeout() {
+    let port = clickpulse_tests::process::free_port().unwrap();
+    let cfg = ZkConfig {
+        connect: format!("127.0.0.1:{port}"),
+        session_timeout: Duration::from_secs(4),
+        connect_timeout: Duration::from_secs(2),
+    };
+    let start = Instant::now();
+    let err = ZkSession::connect(cfg, &CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ZkError::Unreachable { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "gave up after {:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_storm_of_registrations_is_pipelined_and_all_land() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    session
+        .ensure_path(&format!("{root}/tenants/acme/clients"))
+        .await
+        .unwrap();
+    let nodes: Vec<(String, Vec<u8>)> = (0..5_000)
+        .map(|i| {
+            (
+                format!("{root}/tenants/acme/clients/gw-1.c-{i}"),
+                b"{}".to_vec(),
+            )
+        })
+        .collect();
+    let start = Instant::now();
+    session.register_many(nodes).await.unwrap();
+    let took = start.elapsed();
+    let look = observer(&zk).await;
+    let (children, _) = look
+        .get_children(&format!("{root}/tenants/acme/clients"))
+        .await
+        .unwrap();
+    assert_eq!(children.len(), 5_000);
+    assert_eq!(session.owned().len(), 5_000);
+    eprintln!(
+        "5000 registrations in {took:?} ({:.0}/s; a figure, not a test)",
+        5_000.0 / took.as_secs_f64()
+    );
+    session.close().await;
+}
+
+#[tokio::test]
+async fn a_node_held_by_another_session_is_not_taken_over() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let first = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let second = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let path = format!("{root}/tenants/acme/owner");
+    first.register(&path, b"first".to_vec()).await.unwrap();
+    let err = second
+        .register(&path, b"second".to_vec())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ZkError::Taken { owner, .. } if owner == first.session_id()),
+        "{err}"
+    );
+    first.close().await;
+    second.close().await;
+}

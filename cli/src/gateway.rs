@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use clickpulse_cluster::ZkConfig;
 use clickpulse_gateway::auth::{TokenKey, now_secs};
 use clickpulse_gateway::{GatewayConfig, Limits};
 use clickpulse_protocol::Tenant;
-use clickpulse_protocol::zk::{Right, validate_id};
+use clickpulse_protocol::zk::{Layout, Right, validate_id};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug)]
@@ -26,6 +27,19 @@ pub struct GatewayArgs {
         default_value = "tcp://127.0.0.1:7001"
     )]
     zmq_bind: String,
+    /// The ZeroMQ endpoint engines should use, as registered in ZooKeeper (default: the bound one).
+    #[arg(long, env = "CLICKPULSE_ZMQ_ADVERTISE")]
+    zmq_advertise: Option<String>,
+    /// ZooKeeper (`host:port[,…]`) where the gateway registers itself and its clients; without
+    /// it the gateway runs standalone and no engine learns about its clients.
+    #[arg(long, env = "CLICKPULSE_ZOOKEEPER")]
+    zookeeper: Option<String>,
+    /// Root of the clickpulse tree in ZooKeeper.
+    #[arg(long, env = "CLICKPULSE_ZK_ROOT", default_value = "/clickpulse")]
+    zk_root: String,
+    /// ZooKeeper session timeout, seconds (the server clamps it to 2–20 ticks).
+    #[arg(long, env = "CLICKPULSE_ZK_SESSION_TIMEOUT", default_value_t = 10.0)]
+    zk_session_timeout: f64,
     /// Secret that signs tenant tokens (at least 32 bytes).
     #[arg(long, env = "CLICKPULSE_SECRET", hide_env_values = true)]
     secret: String,
@@ -102,10 +116,22 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
         idle_timeout > ping_interval,
         "--idle-timeout ({idle_timeout:?}) must be longer than --ping-interval ({ping_interval:?})"
     );
+    let layout = Layout::new(&args.zk_root)?;
+    let zookeeper = match args.zookeeper {
+        None => None,
+        Some(connect) => Some(ZkConfig {
+            connect,
+            session_timeout: seconds("zk-session-timeout", args.zk_session_timeout)?,
+            connect_timeout: Duration::from_secs(30),
+        }),
+    };
     let config = GatewayConfig {
         id: args.id,
         listen: args.listen,
         zmq_bind: args.zmq_bind,
+        zmq_advertise: args.zmq_advertise,
+        zookeeper,
+        layout,
         secret: args.secret.into_bytes(),
         limits: Limits {
             max_frame_bytes: args.max_frame_bytes,

@@ -46,6 +46,8 @@ pub enum ZkError {
     },
     #[error("{path} is held by another session ({owner:#x})")]
     Taken { path: String, owner: i64 },
+    #[error("the ZooKeeper session was closed")]
+    Closed,
 }
 
 fn op<'a>(op: &'static str, path: &'a str) -> impl FnOnce(zk::Error) -> ZkError + 'a {
@@ -58,7 +60,8 @@ fn op<'a>(op: &'static str, path: &'a str) -> impl FnOnce(zk::Error) -> ZkError 
 
 struct Shared {
     config: ZkConfig,
-    client: RwLock<zk::Client>,
+    /// `None` once closed: dropping the last client is what ends the session.
+    client: RwLock<Option<zk::Client>>,
     /// Ephemeral nodes this process owns: recreated on every new session.
     owned: Mutex<BTreeMap<String, Vec<u8>>>,
     /// Sessions established so far (1 after connect; +1 per recovery from expiry).
@@ -71,25 +74,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    fn client(&self) -> zk::Client {
+    fn client(&self) -> Result<zk::Client, ZkError> {
         self.client
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .ok_or(ZkError::Closed)
     }
 }
 
 /// A ZooKeeper session that keeps its ephemeral nodes across session expiry.
 pub struct ZkSession {
     shared: Arc<Shared>,
-    keeper: JoinHandle<()>,
+    keeper: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for ZkSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZkSession")
             .field("connect", &self.shared.config.connect)
-            .field("session", &self.session_id())
+            .field("session", &self.session_id().ok())
             .finish()
     }
 }
@@ -207,22 +211,35 @@ impl ZkSession {
         tracing::info!(connect = %config.connect, session = %client.session_id(), "zookeeper session started");
         let shared = Arc::new(Shared {
             config,
-            client: RwLock::new(client),
+            client: RwLock::new(Some(client)),
             owned: Mutex::new(BTreeMap::new()),
             generation: AtomicU64::new(1),
             stop,
         });
         let keeper = tokio::spawn(keep(shared.clone()));
-        Ok(ZkSession { shared, keeper })
+        Ok(ZkSession {
+            shared,
+            keeper: Mutex::new(Some(keeper)),
+        })
     }
 
     /// The current client (a new one after each session expiry).
-    pub fn client(&self) -> zk::Client {
+    pub fn client(&self) -> Result<zk::Client, ZkError> {
         self.shared.client()
     }
 
-    pub fn session_id(&self) -> i64 {
-        self.shared.client().session_id().0
+    pub fn session_id(&self) -> Result<i64, ZkError> {
+        Ok(self.shared.client()?.session_id().0)
+    }
+
+    /// Whether the session is connected to a server right now.
+    pub fn connected(&self) -> bool {
+        self.shared.client().is_ok_and(|c| {
+            matches!(
+                c.state(),
+                zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+            )
+        })
     }
 
     /// Sessions established so far: 1, plus one per recovery from expiry.
@@ -232,7 +249,7 @@ impl ZkSession {
 
     /// Creates `path` and its missing ancestors as persistent nodes.
     pub async fn ensure_path(&self, path: &str) -> Result<(), ZkError> {
-        let client = self.client();
+        let client = self.client()?;
         ensure_parents(&client, path).await?;
         let options = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
         match client.create(path, &[], &options).await {
@@ -244,7 +261,7 @@ impl ZkSession {
     /// Creates an ephemeral node owned by this process, kept across session expiry until
     /// [`ZkSession::deregister`].
     pub async fn register(&self, path: &str, data: Vec<u8>) -> Result<(), ZkError> {
-        create_ephemeral(&self.client(), path, &data).await?;
+        create_ephemeral(&self.client()?, path, &data).await?;
         lock(&self.shared.owned).insert(path.to_owned(), data);
         Ok(())
     }
@@ -252,7 +269,7 @@ impl ZkSession {
     /// Registers many nodes, pipelined over the one connection (bounded in flight), not one
     /// round trip after another.
     pub async fn register_many(&self, nodes: Vec<(String, Vec<u8>)>) -> Result<(), ZkError> {
-        create_all(&self.client(), nodes.clone()).await?;
+        create_all(&self.client()?, nodes.clone()).await?;
         lock(&self.shared.owned).extend(nodes);
         Ok(())
     }
@@ -260,7 +277,7 @@ impl ZkSession {
     /// Deletes a node this process registered; it is not recreated any more.
     pub async fn deregister(&self, path: &str) -> Result<(), ZkError> {
         lock(&self.shared.owned).remove(path);
-        match self.client().delete(path, None).await {
+        match self.client()?.delete(path, None).await {
             Ok(()) | Err(zk::Error::NoNode) => Ok(()),
             Err(e) => Err(op("delete", path)(e)),
         }
@@ -271,19 +288,47 @@ impl ZkSession {
         lock(&self.shared.owned).keys().cloned().collect()
     }
 
-    /// Ends the session: the server deletes its ephemerals at once.
-    pub async fn close(self) {
+    /// Ends the session: the server deletes its ephemerals at once. Later calls fail with
+    /// [`ZkError::Closed`].
+    pub async fn close(&self) {
         self.shared.stop.cancel();
-        let _ = self.keeper.await;
-        tracing::info!(connect = %self.shared.config.connect, "zookeeper session closed");
-        // Dropping the last client sends CloseSession.
+        let keeper = lock(&self.keeper).take();
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
+        // Dropping the last client sends CloseSession; wait (bounded) until the server has
+        // closed the session, so its ephemerals are gone when this returns.
+        let client = self
+            .shared
+            .client
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(client) = client {
+            let mut watcher = client.state_watcher();
+            drop(client);
+            let closed = tokio::time::timeout(Duration::from_secs(5), async {
+                while !matches!(
+                    watcher.changed().await,
+                    zk::SessionState::Closed | zk::SessionState::Expired
+                ) {}
+            })
+            .await;
+            tracing::info!(
+                connect = %self.shared.config.connect,
+                acknowledged = closed.is_ok(),
+                "zookeeper session closed"
+            );
+        }
     }
 }
 
 /// Watches the session; after an expiry, opens a new one and recreates every owned node.
 async fn keep(shared: Arc<Shared>) {
     loop {
-        let mut watcher = shared.client().state_watcher();
+        let Ok(client) = shared.client() else { return };
+        let mut watcher = client.state_watcher();
+        drop(client);
         let state = tokio::select! {
             _ = shared.stop.cancelled() => return,
             state = watcher.changed() => state,
@@ -295,7 +340,7 @@ async fn keep(shared: Arc<Shared>) {
                     Ok(c) => c,
                     Err(_) => return, // only when stopping
                 };
-                *shared.client.write().unwrap_or_else(|e| e.into_inner()) = client.clone();
+                *shared.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
                 shared.generation.fetch_add(1, Ordering::Relaxed);
                 let nodes: Vec<(String, Vec<u8>)> = lock(&shared.owned)
                     .iter()

@@ -21,6 +21,8 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use clickpulse_cluster::{ZkConfig, ZkError, ZkSession};
+use clickpulse_protocol::zk::{GatewayInfo, Layout};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -35,8 +37,15 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// ZeroMQ PULL endpoint to bind, e.g. `tcp://127.0.0.1:7001`.
     pub zmq_bind: String,
+    /// The endpoint engines should push to, as registered in ZooKeeper (default: the bound one).
+    pub zmq_advertise: Option<String>,
     pub secret: Vec<u8>,
     pub limits: Limits,
+    /// ZooKeeper, where the gateway registers itself and every client; `None` runs standalone
+    /// (no engine will learn about its clients).
+    pub zookeeper: Option<ZkConfig>,
+    /// Root of the clickpulse tree in ZooKeeper.
+    pub layout: Layout,
 }
 
 /// Why the gateway cannot start.
@@ -54,6 +63,8 @@ pub enum GatewayError {
         endpoint: String,
         source: zeromq::ZmqError,
     },
+    #[error(transparent)]
+    ZooKeeper(#[from] ZkError),
 }
 
 /// A started gateway: where it listens, and its task (ends after shutdown has drained).
@@ -91,6 +102,34 @@ pub async fn start(
                 endpoint: config.zmq_bind.clone(),
                 source,
             })?;
+    let registry = match config.zookeeper {
+        None => {
+            tracing::warn!(
+                "no ZooKeeper configured: clients are not registered, no engine will serve them"
+            );
+            None
+        }
+        Some(zk) => {
+            let session = ZkSession::connect(zk, &shutdown).await?;
+            let info = GatewayInfo {
+                id: config.id.clone(),
+                zmq_endpoint: config
+                    .zmq_advertise
+                    .clone()
+                    .unwrap_or_else(|| zmq_endpoint.clone()),
+                http_addr: http_addr.to_string(),
+                started_at_ms: server::now_ms(),
+            };
+            let payload = serde_json::to_vec(&info).unwrap_or_default();
+            session
+                .register(&config.layout.gateway(&config.id), payload)
+                .await?;
+            Some(server::Registry {
+                session,
+                layout: config.layout.clone(),
+            })
+        }
+    };
     let hub = hub::Hub::new();
     let ingress_stats = Arc::new(ingress::IngressStats::default());
     let state = server::AppState::new(
@@ -99,6 +138,7 @@ pub async fn start(
         ingress_stats.clone(),
         key,
         config.limits,
+        registry,
         shutdown.clone(),
     );
     let ingress_task = tokio::spawn(ingress::run(
@@ -110,6 +150,7 @@ pub async fn start(
     let app = server::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let serve_shutdown = shutdown.clone();
     let id = config.id.clone();
+    let task_state = state.clone();
     let task = tokio::spawn(async move {
         tracing::info!(gateway = %id, %http_addr, "gateway listening");
         if let Err(error) = axum::serve(listener, app)
@@ -119,6 +160,21 @@ pub async fn start(
             tracing::error!(%error, "http server failed");
         }
         let _ = ingress_task.await;
+        // Upgraded sockets outlive the HTTP server: let their tasks close with 1001 and
+        // deregister (bounded), then the gateway's own node goes with its session.
+        let drained = std::time::Instant::now();
+        while task_state
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+            && drained.elapsed() < std::time::Duration::from_secs(5)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if let Some(registry) = &task_state.registry {
+            registry.session.close().await;
+        }
         tracing::info!(gateway = %id, "gateway stopped");
     });
     Ok(Running {

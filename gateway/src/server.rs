@@ -19,6 +19,9 @@ use clickpulse_protocol::zk::Right;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
+use clickpulse_cluster::{ZkError, ZkSession};
+use clickpulse_protocol::zk::{ClientRegistration, Layout};
+
 use crate::hub::{Hub, Mailbox, Outgoing};
 use crate::ingress::IngressStats;
 
@@ -63,6 +66,8 @@ pub struct Metrics {
     pub slow_client_closes: AtomicU64,
     pub idle_closes: AtomicU64,
     pub over_capacity: AtomicU64,
+    pub registrations: AtomicU64,
+    pub registration_failures: AtomicU64,
 }
 
 /// Holds a connection's place in the limits; gives it back when dropped.
@@ -234,8 +239,25 @@ pub struct AppState {
     pub limits: Limits,
     pub shutdown: CancellationToken,
     pub metrics: Metrics,
+    /// Where clients are registered; `None` when the gateway runs without ZooKeeper.
+    pub registry: Option<Registry>,
     next_client: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The gateway's ZooKeeper registrations.
+#[derive(Debug)]
+pub struct Registry {
+    pub session: ZkSession,
+    pub layout: Layout,
+}
+
+impl Registry {
+    /// Writes (or rewrites) a client's registration.
+    async fn register(&self, path: &str, reg: &ClientRegistration) -> Result<(), ZkError> {
+        let payload = serde_json::to_vec(reg).unwrap_or_default();
+        self.session.register(path, payload).await
+    }
 }
 
 impl AppState {
@@ -245,6 +267,7 @@ impl AppState {
         ingress: Arc<IngressStats>,
         key: TokenKey,
         limits: Limits,
+        registry: Option<Registry>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(AppState {
@@ -254,6 +277,7 @@ impl AppState {
             key,
             limits,
             shutdown,
+            registry,
             metrics: Metrics::default(),
             next_client: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
@@ -270,11 +294,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Ready while not shutting down: the HTTP listener and the ZeroMQ socket are bound before the
-/// router serves at all. (The ZooKeeper session joins this check with job control.)
+/// Ready while not shutting down and, with ZooKeeper, while its session is connected: the HTTP
+/// listener and the ZeroMQ socket are bound before the router serves at all.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else if state
+        .registry
+        .as_ref()
+        .is_some_and(|r| !r.session.connected())
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "zookeeper session not connected",
+        )
+            .into_response()
     } else {
         (StatusCode::OK, "ready").into_response()
     }
@@ -361,6 +395,14 @@ fn close(code: CloseCode) -> Message {
     }))
 }
 
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// The result message for a client, built around the engine's JSON without re-parsing it.
 fn result_text(out: &Outgoing) -> Message {
     Message::Text(
@@ -392,6 +434,35 @@ async fn serve_client(
     let tenant = claims.tenant.clone();
     let client_id = format!("c-{client}");
     tracing::info!(%tenant, client = %client_id, %peer, "client connected");
+    // Registered before it is served: the registration is what makes an engine run the job.
+    let mut registration = ClientRegistration {
+        gateway: state.gateway_id.clone(),
+        client: client_id.clone(),
+        tenant: tenant.clone(),
+        rights: claims.rights.clone(),
+        streams: Vec::new(),
+        connected_at_ms: now_ms(),
+    };
+    let registered = state
+        .registry
+        .as_ref()
+        .map(|r| (r, r.layout.client(&tenant, &state.gateway_id, &client_id)));
+    if let Some((registry, path)) = &registered {
+        if let Err(error) = registry.register(path, &registration).await {
+            state
+                .metrics
+                .registration_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%tenant, client = %client_id, %error, "client registration failed");
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                socket.send(close(CloseCode::InternalError)),
+            )
+            .await;
+            return;
+        }
+        state.metrics.registrations.fetch_add(1, Ordering::Relaxed);
+    }
     let welcome = ServerMsg::Welcome {
         tenant: tenant.clone(),
         client: client_id.clone(),
@@ -445,11 +516,17 @@ async fn serve_client(
                                     });
                                     mailbox.set_min_interval(interval);
                                     state.hub.subscribe(&tenant, client, &streams, &mailbox);
+                                    for s in streams {
+                                        if !registration.streams.contains(&s) {
+                                            registration.streams.push(s);
+                                        }
+                                    }
                                     None
                                 }
                             }
                             Ok(ClientMsg::Unsubscribe { streams }) => {
                                 state.hub.unsubscribe(&tenant, client, &streams);
+                                registration.streams.retain(|s| !streams.contains(s));
                                 None
                             }
                             Err(e) => Some(ServerMsg::Error { code: ErrorCode::BadMessage, message: e.to_string() }),
@@ -458,6 +535,11 @@ async fn serve_client(
                             && socket.send(text(&reply)).await.is_err()
                         {
                             break None;
+                        }
+                        if let Some((registry, path)) = &registered
+                            && let Err(error) = registry.register(path, &registration).await
+                        {
+                            tracing::warn!(%tenant, client = %client_id, %error, "registration update failed");
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
@@ -486,6 +568,12 @@ async fn serve_client(
         }
     };
     state.hub.remove(&tenant, client);
+    if let Some((registry, path)) = &registered
+        && let Err(error) = registry.session.deregister(path).await
+    {
+        // The node still goes when the gateway's session ends.
+        tracing::warn!(%tenant, client = %client_id, %error, "deregistration failed");
+    }
     mailbox.close();
     match end {
         Some(CloseCode::SlowConsumer) => state

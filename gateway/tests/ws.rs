@@ -28,8 +28,11 @@ async fn gateway(limits: Limits) -> (Running, CancellationToken) {
             id: "gw-test".into(),
             listen: "127.0.0.1:0".parse().unwrap(),
             zmq_bind: "tcp://127.0.0.1:0".into(),
+            zmq_advertise: None,
             secret: SECRET.to_vec(),
             limits,
+            zookeeper: None,
+            layout: Default::default(),
         },
         shutdown.clone(),
     )

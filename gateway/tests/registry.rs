@@ -1,0 +1,143 @@
+//! The gateway's registrations in a real ZooKeeper: itself, and each client while it is
+//! connected.
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
+
+use std::time::{Duration, Instant};
+
+use clickpulse_cluster::{ZkConfig, zk};
+use clickpulse_gateway::auth::{TokenKey, now_secs};
+use clickpulse_gateway::{GatewayConfig, Limits, start};
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::zk::{ClientRegistration, GatewayInfo, Layout, Right};
+use clickpulse_tests::{ZooKeeper, unique_name};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &[u8] = b"a test secret of at least 32 bytes!!";
+
+async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
+    let zk = ZooKeeper::start().unwrap();
+    let layout = Layout::new(&format!("/{}", unique_name("gw"))).unwrap();
+    let shutdown = CancellationToken::new();
+    let gw = start(
+        GatewayConfig {
+            id: "gw-1".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            zmq_bind: "tcp://127.0.0.1:0".into(),
+            zmq_advertise: None,
+            secret: SECRET.to_vec(),
+            limits: Limits::default(),
+            zookeeper: Some(ZkConfig {
+                connect: zk.connect_string().to_owned(),
+                session_timeout: Duration::from_secs(4),
+                connect_timeout: Duration::from_secs(10),
+            }),
+            layout: layout.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let look = zk::Client::connect(zk.connect_string()).await.unwrap();
+    let (data, stat) = look.get_data(&layout.gateway("gw-1")).await.unwrap();
+    let info: GatewayInfo = serde_json::from_slice(&data).unwrap();
+    assert_eq!(info.zmq_endpoint, gw.zmq_endpoint);
+    assert_ne!(stat.ephemeral_owner, 0, "the gateway node is ephemeral");
+
+    let acme = Tenant::new("acme").unwrap();
+    let token = TokenKey::new(SECRET)
+        .unwrap()
+        .mint(&acme, "alice", &[Right::View], now_secs(), 60);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={token}", gw.http_addr))
+            .await
+            .unwrap();
+    let welcome: serde_json::Value = match ws.next().await.unwrap().unwrap() {
+        Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let client = welcome["client"].as_str().unwrap().to_owned();
+    let path = layout.client(&acme, "gw-1", &client);
+    let (data, _) = look.get_data(&path).await.unwrap();
+    let reg: ClientRegistration = serde_json::from_slice(&data).unwrap();
+    assert_eq!(
+        (reg.gateway.as_str(), reg.tenant.as_str()),
+        ("gw-1", "acme")
+    );
+    assert_eq!(reg.rights, vec![Right::View]);
+
+    // subscriptions show in the registration
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","streams":["topn"]}"#.into(),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        eventually(|| async {
+            let (data, _) = look.get_data(&path).await.unwrap();
+            serde_json::from_slice::<ClientRegistration>(&data)
+                .unwrap()
+                .streams
+                .len()
+                == 1
+        })
+        .await
+    );
+
+    // leaving removes it
+    ws.close(None).await.unwrap();
+    assert!(eventually(|| async { look.check_stat(&path).await.unwrap().is_none() }).await);
+
+    // shutdown removes the gateway too
+    shutdown.cancel();
+    gw.task.await.unwrap();
+    assert!(
+        look.check_stat(&layout.gateway("gw-1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_zookeeper_stops_the_gateway_at_start_with_a_clear_error() {
+    let port = clickpulse_tests::process::free_port().unwrap();
+    let err = start(
+        GatewayConfig {
+            id: "gw-1".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            zmq_bind: "tcp://127.0.0.1:0".into(),
+            zmq_advertise: None,
+            secret: SECRET.to_vec(),
+            limits: Limits::default(),
+            zookeeper: Some(ZkConfig {
+                connect: format!("127.0.0.1:{port}"),
+                session_timeout: Duration::from_secs(4),
+                connect_timeout: Duration::from_secs(2),
+            }),
+            layout: Layout::default(),
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("cannot reach ZooKeeper"), "{err}");
+}

@@ -4,6 +4,7 @@
 
 mod gateway;
 mod replay;
+mod zk;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,8 @@ enum Command {
     Gateway(gateway::GatewayArgs),
     /// Mint a tenant token (HS256 JWT) signed with the gateway's secret.
     Token(gateway::TokenArgs),
+    /// Inspect the cluster in ZooKeeper: `tree`, `jobs`, `clients --tenant T`.
+    Zk(zk::ZkArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => runtime.block_on(replay::run(args, shutdown)),
         Command::Gateway(args) => runtime.block_on(gateway::gateway(args, shutdown)),
         Command::Token(args) => gateway::token(args),
+        Command::Zk(args) => runtime.block_on(zk::run(args, shutdown)),
     };
     match result {
         Ok(code) => code,

@@ -17,6 +17,8 @@
 #![forbid(unsafe_code)]
 
 mod session;
+pub mod view;
 
 pub use session::{ZkConfig, ZkError, ZkSession};
+pub use view::{ClusterView, TenantView, TreeNode};
 pub use zookeeper_client as zk;

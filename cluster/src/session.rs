@@ -50,7 +50,7 @@ pub enum ZkError {
     Closed,
 }
 
-fn op<'a>(op: &'static str, path: &'a str) -> impl FnOnce(zk::Error) -> ZkError + 'a {
+pub(crate) fn op<'a>(op: &'static str, path: &'a str) -> impl FnOnce(zk::Error) -> ZkError + 'a {
     move |error| ZkError::Op {
         op,
         path: path.to_owned(),
@@ -98,12 +98,17 @@ impl std::fmt::Debug for ZkSession {
     }
 }
 
+/// One connection attempt, bounded by `budget` as a whole: the library's own connect keeps
+/// trying until the session timeout otherwise.
 async fn connect_once(config: &ZkConfig, budget: Duration) -> Result<zk::Client, zk::Error> {
-    zk::Client::connector()
+    let budget = budget.clamp(Duration::from_millis(200), Duration::from_secs(5));
+    let attempt = zk::Client::connector()
         .with_session_timeout(config.session_timeout)
-        .with_connection_timeout(budget.clamp(Duration::from_millis(200), Duration::from_secs(5)))
-        .connect(&config.connect)
+        .with_connection_timeout(budget)
+        .connect(&config.connect);
+    tokio::time::timeout(budget, attempt)
         .await
+        .unwrap_or(Err(zk::Error::Timeout))
 }
 
 /// Connects, retrying with exponential backoff until `budget` is spent (or forever when
@@ -289,7 +294,8 @@ impl ZkSession {
     }
 
     /// Ends the session: the server deletes its ephemerals at once. Later calls fail with
-    /// [`ZkError::Closed`].
+    /// [`ZkError::Closed`]. The session ends when the last client clone is dropped, so drop
+    /// those taken with [`ZkSession::client`] first; this waits at most 5 s for the server.
     pub async fn close(&self) {
         self.shared.stop.cancel();
         let keeper = lock(&self.keeper).take();
@@ -323,6 +329,38 @@ impl ZkSession {
     }
 }
 
+/// Recreates every owned node on `client`'s new session, retrying with backoff until all are
+/// back or the session stops: right after an expiry the old session's nodes can still exist
+/// (held by a session the server has not finished closing), and they must not be given up on.
+async fn recreate(shared: &Shared, client: &zk::Client) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let nodes: Vec<(String, Vec<u8>)> = lock(&shared.owned)
+            .iter()
+            .map(|(p, d)| (p.clone(), d.clone()))
+            .collect();
+        let count = nodes.len();
+        match create_all(client, nodes).await {
+            Ok(()) => {
+                tracing::info!(
+                    session = %client.session_id(),
+                    nodes = count,
+                    "zookeeper session replaced; registrations recreated"
+                );
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "recreating registrations; retrying");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// Watches the session; after an expiry, opens a new one and recreates every owned node.
 async fn keep(shared: Arc<Shared>) {
     loop {
@@ -342,19 +380,7 @@ async fn keep(shared: Arc<Shared>) {
                 };
                 *shared.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client.clone());
                 shared.generation.fetch_add(1, Ordering::Relaxed);
-                let nodes: Vec<(String, Vec<u8>)> = lock(&shared.owned)
-                    .iter()
-                    .map(|(p, d)| (p.clone(), d.clone()))
-                    .collect();
-                let count = nodes.len();
-                match create_all(&client, nodes).await {
-                    Ok(()) => tracing::info!(
-                        session = %client.session_id(),
-                        nodes = count,
-                        "zookeeper session replaced; registrations recreated"
-                    ),
-                    Err(error) => tracing::error!(%error, "recreating registrations failed"),
-                }
+                recreate(&shared, &client).await;
             }
             zk::SessionState::Closed | zk::SessionState::AuthFailed => {
                 tracing::error!(?state, "zookeeper session ended");

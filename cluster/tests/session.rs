@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession, zk};
+use clickpulse_tests::proxy::Proxy;
 use clickpulse_tests::{ZkOptions, ZooKeeper, unique_name};
 use tokio_util::sync::CancellationToken;
 
@@ -64,10 +65,18 @@ async fn a_registration_is_an_ephemeral_of_the_session_and_goes_with_it() {
 }
 
 #[tokio::test]
-async fn registrations_come_back_after_the_session_expires() {
+async fn registrations_come_back_after_a_network_cut_expires_the_session() {
     let zk = ZooKeeper::start().unwrap();
+    let proxy = Proxy::start(zk.connect_string().parse().unwrap())
+        .await
+        .unwrap();
     let root = format!("/{}", unique_name("t"));
-    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+    let cfg = ZkConfig {
+        connect: proxy.addr().to_string(),
+        session_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let session = ZkSession::connect(cfg, &CancellationToken::new())
         .await
         .unwrap();
     let a = format!("{root}/tenants/acme/clients/gw-1.c-1");
@@ -77,32 +86,26 @@ async fn registrations_come_back_after_the_session_expires() {
     session.deregister(&b).await.unwrap();
     let old = session.session_id().unwrap();
 
-    // Expire the session the way the server does: another client takes it over and closes it.
-    let info = session.client().unwrap().session().clone();
-    let mut thief = None;
-    for _ in 0..5 {
-        match zk::Client::connector()
-            .with_session(info.clone())
-            .with_connection_timeout(Duration::from_secs(10))
-            .connect(zk.connect_string())
-            .await
-        {
-            Ok(client) => {
-                thief = Some(client);
-                break;
-            }
-            Err(error) => eprintln!("taking the session over failed ({error}); retrying"),
-        }
-    }
-    drop(thief.expect("another client took the session over"));
-
+    // Cut the network for longer than the session timeout: the server expires the session
+    // and deletes its ephemerals.
+    proxy.cut();
     let look = observer(&zk).await;
-    let back = eventually(Duration::from_secs(20), || async {
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            look.check_stat(&a).await.unwrap().is_none()
+        })
+        .await,
+        "the server did not expire the cut-off session"
+    );
+    proxy.restore();
+
+    let back = eventually(Duration::from_secs(30), || async {
         matches!(look.get_data(&a).await, Ok((_, stat)) if stat.ephemeral_owner != old && stat.ephemeral_owner != 0)
     })
     .await;
     assert!(back, "the registration did not come back on a new session");
     assert_eq!(session.generation(), 2);
+    assert_ne!(session.session_id().unwrap(), old);
     assert_eq!(look.get_data(&a).await.unwrap().0, b"a");
     assert!(
         look.check_stat(&b).await.unwrap().is_none(),

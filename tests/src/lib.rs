@@ -14,6 +14,7 @@
 
 pub mod broker;
 pub mod process;
+pub mod proxy;
 pub mod zookeeper;
 
 use std::sync::atomic::{AtomicU32, Ordering};

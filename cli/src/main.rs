@@ -20,7 +20,12 @@ use tracing_subscriber::EnvFilter;
 )]
 struct Cli {
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "clickpulse_replay=debug".
-    #[arg(long, global = true, env = "CLICKPULSE_LOG", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "CLICKPULSE_LOG",
+        default_value = "info,zookeeper_client=warn"
+    )]
     log: String,
 
     #[command(subcommand)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession, zk};
 use clickpulse_tests::proxy::Proxy;
-use clickpulse_tests::{ZkOptions, ZooKeeper, unique_name};
+use clickpulse_tests::{ZkOptions, ZooKeeper, eventually, unique_name};
 use tokio_util::sync::CancellationToken;
 
 fn config(zk: &ZooKeeper) -> ZkConfig {
@@ -20,22 +20,6 @@ fn config(zk: &ZooKeeper) -> ZkConfig {
 /// An independent client to look at the tree.
 async fn observer(zk: &ZooKeeper) -> zk::Client {
     zk::Client::connect(zk.connect_string()).await.unwrap()
-}
-
-/// Waits (bounded) until `check` holds.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 #[tokio::test]

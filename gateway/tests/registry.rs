@@ -2,33 +2,31 @@
 //! connected.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clickpulse_cluster::{ZkConfig, zk};
 use clickpulse_gateway::auth::{TokenKey, now_secs};
 use clickpulse_gateway::{GatewayConfig, Limits, start};
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::zk::{ClientRegistration, GatewayInfo, Layout, Right};
-use clickpulse_tests::{ZooKeeper, unique_name};
+use clickpulse_tests::{ZooKeeper, eventually, unique_name};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &[u8] = b"a test secret of at least 32 bytes!!";
 
-async fn eventually<F, Fut>(mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(10) {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+fn config(zookeeper: ZkConfig, layout: Layout) -> GatewayConfig {
+    GatewayConfig {
+        id: "gw-1".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        zmq_bind: "tcp://127.0.0.1:0".into(),
+        zmq_advertise: None,
+        secret: SECRET.to_vec(),
+        limits: Limits::default(),
+        zookeeper: Some(zookeeper),
+        layout,
     }
-    false
 }
 
 #[tokio::test]
@@ -36,25 +34,14 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
     let zk = ZooKeeper::start().unwrap();
     let layout = Layout::new(&format!("/{}", unique_name("gw"))).unwrap();
     let shutdown = CancellationToken::new();
-    let gw = start(
-        GatewayConfig {
-            id: "gw-1".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            zmq_bind: "tcp://127.0.0.1:0".into(),
-            zmq_advertise: None,
-            secret: SECRET.to_vec(),
-            limits: Limits::default(),
-            zookeeper: Some(ZkConfig {
-                connect: zk.connect_string().to_owned(),
-                session_timeout: Duration::from_secs(4),
-                connect_timeout: Duration::from_secs(10),
-            }),
-            layout: layout.clone(),
-        },
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let zookeeper = ZkConfig {
+        connect: zk.connect_string().to_owned(),
+        session_timeout: Duration::from_secs(4),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let gw = start(config(zookeeper, layout.clone()), shutdown.clone())
+        .await
+        .unwrap();
     let look = zk::Client::connect(zk.connect_string()).await.unwrap();
     let (data, stat) = look.get_data(&layout.gateway("gw-1")).await.unwrap();
     let info: GatewayInfo = serde_json::from_slice(&data).unwrap();
@@ -90,7 +77,7 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
     .await
     .unwrap();
     assert!(
-        eventually(|| async {
+        eventually(Duration::from_secs(10), || async {
             let (data, _) = look.get_data(&path).await.unwrap();
             serde_json::from_slice::<ClientRegistration>(&data)
                 .unwrap()
@@ -103,7 +90,12 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
 
     // leaving removes it
     ws.close(None).await.unwrap();
-    assert!(eventually(|| async { look.check_stat(&path).await.unwrap().is_none() }).await);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            look.check_stat(&path).await.unwrap().is_none()
+        })
+        .await
+    );
 
     // shutdown removes the gateway too
     shutdown.cancel();
@@ -119,21 +111,13 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
 #[tokio::test]
 async fn an_unreachable_zookeeper_stops_the_gateway_at_start_with_a_clear_error() {
     let port = clickpulse_tests::process::free_port().unwrap();
+    let zookeeper = ZkConfig {
+        connect: format!("127.0.0.1:{port}"),
+        session_timeout: Duration::from_secs(4),
+        connect_timeout: Duration::from_secs(2),
+    };
     let err = start(
-        GatewayConfig {
-            id: "gw-1".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            zmq_bind: "tcp://127.0.0.1:0".into(),
-            zmq_advertise: None,
-            secret: SECRET.to_vec(),
-            limits: Limits::default(),
-            zookeeper: Some(ZkConfig {
-                connect: format!("127.0.0.1:{port}"),
-                session_timeout: Duration::from_secs(4),
-                connect_timeout: Duration::from_secs(2),
-            }),
-            layout: Layout::default(),
-        },
+        config(zookeeper, Layout::default()),
         CancellationToken::new(),
     )
     .await

@@ -19,7 +19,7 @@ use clickpulse_protocol::zk::Right;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
-use clickpulse_cluster::{ZkError, ZkSession};
+use clickpulse_cluster::{ClusterView, ZkError, ZkSession};
 use clickpulse_protocol::zk::{ClientRegistration, Layout};
 
 use crate::hub::{Hub, Mailbox, Outgoing};
@@ -290,6 +290,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/admin/cluster", get(admin_cluster))
         .route("/ws", get(ws_handler))
         .with_state(state)
 }
@@ -320,6 +321,48 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.render_metrics(),
     )
         .into_response()
+}
+
+/// The cluster as ZooKeeper shows it (gateways, engines, tenants with clients, owners,
+/// epochs), for the dashboard's ops view. Needs a token with the admin right, as
+/// `Authorization: Bearer <token>` or `?token=`.
+async fn admin_cluster(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let token = bearer.or_else(|| token_from(&HeaderMap::new(), query.as_deref()).0);
+    match token.as_deref().map(|t| state.key.verify(t)) {
+        None => return unauthorized(&state, AuthError::Missing),
+        Some(Err(e)) => return unauthorized(&state, e),
+        Some(Ok(c)) if !c.has(Right::Admin) => {
+            let body =
+                serde_json::json!({"error": "forbidden", "reason": "the admin right is needed"});
+            return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        }
+        Some(Ok(_)) => {}
+    }
+    let Some(registry) = &state.registry else {
+        let body = serde_json::json!({"error": "unavailable", "reason": "this gateway runs without ZooKeeper"});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    };
+    let view = match registry.session.client() {
+        Ok(client) => ClusterView::read(&client, &registry.layout).await,
+        Err(e) => Err(e),
+    };
+    match view {
+        Ok(view) => axum::Json(view).into_response(),
+        Err(error) => {
+            tracing::warn!(%error, "cluster view failed");
+            let body = serde_json::json!({"error": "unavailable", "reason": error.to_string()});
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+        }
+    }
 }
 
 /// The token from `Sec-WebSocket-Protocol: clickpulse.v1, <token>` or `?token=`.

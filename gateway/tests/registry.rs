@@ -125,3 +125,61 @@ async fn an_unreachable_zookeeper_stops_the_gateway_at_start_with_a_clear_error(
     .unwrap();
     assert!(err.to_string().contains("cannot reach ZooKeeper"), "{err}");
 }
+
+/// A plain HTTP/1.0 GET with optional headers: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: test\r\n{headers}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_cluster_view_is_served_to_admins_only() {
+    let zk = ZooKeeper::start().unwrap();
+    let layout = Layout::new(&format!("/{}", unique_name("admin"))).unwrap();
+    let zookeeper = ZkConfig {
+        connect: zk.connect_string().to_owned(),
+        session_timeout: Duration::from_secs(4),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let shutdown = CancellationToken::new();
+    let gw = start(config(zookeeper, layout), shutdown.clone())
+        .await
+        .unwrap();
+    let key = TokenKey::new(SECRET).unwrap();
+    let acme = Tenant::new("acme").unwrap();
+    let viewer = key.mint(&acme, "v", &[Right::View], now_secs(), 60);
+    let admin = key.mint(&acme, "a", &[Right::View, Right::Admin], now_secs(), 60);
+
+    assert_eq!(http_get(gw.http_addr, "/admin/cluster", "").await.0, 401);
+    assert_eq!(
+        http_get(gw.http_addr, &format!("/admin/cluster?token={viewer}"), "")
+            .await
+            .0,
+        403
+    );
+    let (status, body) = http_get(
+        gw.http_addr,
+        "/admin/cluster",
+        &format!("Authorization: Bearer {admin}\r\n"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["gateways"][0]["id"], "gw-1");
+    assert_eq!(
+        view["gateways"][0]["zmq_endpoint"],
+        gw.zmq_endpoint.as_str()
+    );
+    shutdown.cancel();
+    gw.task.await.unwrap();
+}

@@ -10,6 +10,7 @@ use clickpulse_protocol::results::{PageCount, ResultBody, ResultMsg};
 use clickpulse_protocol::ws::CloseCode;
 use clickpulse_protocol::zk::Right;
 use clickpulse_protocol::zmq::ResultFrame;
+use clickpulse_tests::http_get;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -407,24 +408,6 @@ async fn a_client_asking_for_a_max_rate_gets_at_most_that_rate_and_the_newest_va
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
 }
 
-/// A plain HTTP/1.0 GET: (status, body).
-async fn http_get(gw: &Running, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test]
 async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
     let limits = Limits {
@@ -493,12 +476,15 @@ async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
 #[tokio::test]
 async fn metrics_and_readiness_are_served() {
     let (gw, stop) = gateway(Limits::default()).await;
-    assert_eq!(http_get(&gw, "/healthz").await, (200, "ok".into()));
-    assert_eq!(http_get(&gw, "/readyz").await.0, 200);
+    assert_eq!(
+        http_get(gw.http_addr, "/healthz", "").await.unwrap(),
+        (200, "ok".into())
+    );
+    assert_eq!(http_get(gw.http_addr, "/readyz", "").await.unwrap().0, 200);
     let _ = connect(&gw, "forged").await;
     let mut ws = viewer(&gw, "acme").await;
     next_json(&mut ws).await;
-    let (status, metrics) = http_get(&gw, "/metrics").await;
+    let (status, metrics) = http_get(gw.http_addr, "/metrics", "").await.unwrap();
     assert_eq!(status, 200);
     for line in [
         "clickpulse_gateway_connections 1",

@@ -202,10 +202,20 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// Queues one record; when librdkafka's queue is full, serves acknowledgements until there
-    /// is room. Fails as soon as any earlier record has definitely failed.
-    pub fn send(&mut self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), KafkaSinkError> {
-        let mut record = BaseRecord::to(topic).key(key).payload(value);
+    /// Queues one record stamped with its event time (so consumers can seek by event time with
+    /// `offsets_for_times`); when librdkafka's queue is full, serves acknowledgements until
+    /// there is room. Fails as soon as any earlier record has definitely failed.
+    pub fn send(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        value: &[u8],
+        event_time_ms: i64,
+    ) -> Result<(), KafkaSinkError> {
+        let mut record = BaseRecord::to(topic)
+            .key(key)
+            .payload(value)
+            .timestamp(event_time_ms);
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,

@@ -250,7 +250,12 @@ pub fn run(config: &ReplayConfig, shutdown: &CancellationToken) -> Result<Summar
             view.page,
             view.time_ms,
         );
-        sink.send(&summary.topic, &visitor_key(view.user), &value)?;
+        sink.send(
+            &summary.topic,
+            &visitor_key(view.user),
+            &value,
+            view.time_ms,
+        )?;
         summary.events += 1;
         summary.visitors += u64::from(view.index == 0);
         summary.pages[usize::from(view.page.0) - 1] += 1;

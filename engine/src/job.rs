@@ -17,14 +17,15 @@
 //! The job only moves data; all semantics are in the pipeline. A full result channel blocks the
 //! job (backpressure onto Kafka), never drops a result.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::{ClickRef, Tenant, topics};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,10 @@ pub enum StartFrom {
     Earliest,
     /// The first offset at or after this event time in every partition (`offsets_for_times`).
     Time(i64),
+    /// One window before the newest event in the topic (aligned to the slide, less the allowed
+    /// lateness), so the first window emitted is a full one and comes as soon as the backfill is
+    /// read: what a dashboard that just opened wants.
+    LatestWindow,
 }
 
 /// Everything a job needs.
@@ -86,7 +91,7 @@ pub async fn run_job(
     shutdown: CancellationToken,
 ) -> Result<JobReport, JobError> {
     let topic = topics::clicks(&config.tenant);
-    let consumer: StreamConsumer = ClientConfig::new()
+    let consumer: StreamConsumer<JobContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         // Partitions are assigned explicitly; the group id only names the client.
         .set("group.id", format!("clickpulse-job.{}", config.tenant))
@@ -95,8 +100,19 @@ pub async fn run_job(
         .set("auto.offset.reset", "earliest")
         // End-of-partition events tell "caught up" from "not fetched yet" for idleness.
         .set("enable.partition.eof", "true")
-        .create()?;
-    let partitions = assign(&consumer, &topic, config.start)?;
+        .create_with_context(JobContext)?;
+    // Metadata and offset look-ups block: keep them off the async workers.
+    let (consumer, assigned) = {
+        let (name, start, ops) = (topic.clone(), config.start, config.operators.clone());
+        let brokers = config.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            let assigned = assign(&consumer, &brokers, &name, start, &ops);
+            (consumer, assigned)
+        })
+        .await
+        .map_err(|_| JobError::NoTopic(topic.clone()))?
+    };
+    let (partitions, from_ms) = assigned?;
     let store = RedbStore::open(&config.history_path).map_err(EngineError::from)?;
     let mut pipeline = Pipeline::new(
         config.tenant.clone(),
@@ -105,7 +121,10 @@ pub async fn run_job(
         config.operators.clone(),
         store,
     )?;
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, partitions, "job started");
+    if let Some(from_ms) = from_ms {
+        pipeline.backfill_from(from_ms);
+    }
+    tracing::info!(tenant = %config.tenant, epoch = config.epoch, partitions, from_ms, "job started");
 
     let mut report = JobReport::default();
     let mut last_seen = vec![Instant::now(); partitions];
@@ -176,10 +195,16 @@ pub async fn run_job(
     Ok(report)
 }
 
-/// Assigns every partition of `topic` at the start position; returns the partition count.
-/// Blocking (metadata and offset look-ups) but brief, and only at start-up.
-fn assign(consumer: &StreamConsumer, topic: &str, start: StartFrom) -> Result<usize, JobError> {
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+/// Assigns every partition of `topic` at the start position; returns the partition count and,
+/// when starting from an event time, that time. Blocking (metadata and offset look-ups).
+fn assign(
+    consumer: &StreamConsumer<JobContext>,
+    brokers: &str,
+    topic: &str,
+    start: StartFrom,
+    ops: &OperatorConfig,
+) -> Result<(usize, Option<i64>), JobError> {
+    let metadata = consumer.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
     let partitions: Vec<i32> = metadata
         .topics()
         .iter()
@@ -190,19 +215,437 @@ fn assign(consumer: &StreamConsumer, topic: &str, start: StartFrom) -> Result<us
         return Err(JobError::NoTopic(topic.to_owned()));
     }
     let mut list = TopicPartitionList::new();
-    for &p in &partitions {
-        let offset = match start {
-            StartFrom::Earliest => Offset::Beginning,
-            StartFrom::Time(ms) => Offset::Offset(ms),
+    let from_ms = if start == StartFrom::Earliest {
+        for &p in &partitions {
+            list.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+        None
+    } else {
+        let probe = Probe::new(brokers, topic)?;
+        let bounds: Vec<(i32, i64, i64)> = partitions
+            .iter()
+            .map(|&p| {
+                let (low, high) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
+                Ok((p, low, high))
+            })
+            .collect::<Result<_, KafkaError>>()?;
+        let (newest, bounds) = probe.newest(&bounds)?;
+        let from_ms = match start {
+            StartFrom::Time(ms) => Some(ms),
+            // The newest window that is final once the newest records are read: the first
+            // window emitted is complete, and it comes right after the backfill.
+            _ => newest.values().max().map(|&newest| {
+                (newest - ops.allowed_lateness_ms).div_euclid(ops.slide_ms) * ops.slide_ms
+                    - ops.window_ms
+            }),
         };
-        list.add_partition_offset(topic, p, offset)?;
-    }
-    if let StartFrom::Time(_) = start {
-        // offsets_for_times takes the times in the offset field and answers offsets; a
-        // partition without a record at or after the time answers End.
-        list = consumer.offsets_for_times(list, Duration::from_secs(10))?;
-    }
+        let offsets = match from_ms {
+            Some(ms) => probe.first_at_or_after(&bounds, &newest, ms)?,
+            None => bounds.iter().map(|&(p, low, _)| (p, low)).collect(),
+        };
+        for (p, offset) in offsets {
+            list.add_partition_offset(topic, p, Offset::Offset(offset))?;
+        }
+        from_ms
+    };
     consumer.assign(&list)?;
     let max = partitions.iter().copied().max().unwrap_or(0);
-    Ok(usize::try_from(max).unwrap_or(0) + 1)
+    Ok((usize::try_from(max).unwrap_or(0) + 1, from_ms))
+}
+
+/// The job's Kafka client context: end-of-partition is news for the idle check (it arrives
+/// through `recv`), not an error to log; real client errors are logged once, with the reason.
+pub struct JobContext;
+
+impl ClientContext for JobContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for JobContext {}
+
+/// Bound on each blocking metadata or offset look-up.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Finds offsets by event time, reading the records' own event times. Kafka's
+/// `offsets_for_times` would answer from record timestamps, but brokers differ in what those
+/// are (create time, log-append time, or the storage's write time in tansu), so the search
+/// reads the click records themselves: an interpolation search (event times grow nearly
+/// linearly with offsets within a partition) alternating with bisection, all partitions at
+/// once, one short-lived consumer per look-up (a re-assigned consumer can still hand out
+/// records fetched before).
+///
+/// A position is only ever one a consumer really lands on: Kafka serves a fetch from any
+/// offset, but some brokers (tansu 0.6) only from the start of a stored batch, and answer
+/// nothing for an offset inside the last one. A look-up without an answer within
+/// [`PROBE_WAIT`] counts as "nothing there" and the search keeps to positions that answered.
+struct Probe {
+    brokers: String,
+    topic: String,
+}
+
+/// How long one look-up waits for its record.
+const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// What a consumer assigned at an offset finds first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// The first record it gets: its offset (at or after the asked one) and event time.
+    Record { offset: i64, time: i64 },
+    /// The partition ends there, or nothing came within [`PROBE_WAIT`].
+    Nothing,
+}
+
+/// A partition's search state: `lo` is known to be before the time, `hi` a landing position
+/// at or after it (or the end).
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    partition: i32,
+    lo: i64,
+    lo_time: Option<i64>,
+    hi: i64,
+    hi_time: Option<i64>,
+    /// Where seeking to `hi` lands.
+    hi_landing: Option<i64>,
+    /// The last landing position before the time.
+    lo_landing: Option<i64>,
+    /// Look-ups that found nothing (each costs [`PROBE_WAIT`]).
+    nothings: u32,
+    round: u32,
+}
+
+impl Range {
+    fn done(&self) -> bool {
+        self.hi - self.lo <= 1 || self.nothings >= 2
+    }
+
+    fn next_probe(&self, target: i64) -> i64 {
+        let mid = self.lo + (self.hi - self.lo) / 2;
+        let guess = match (self.lo_time, self.hi_time) {
+            (Some(lt), Some(ht)) if ht > lt && self.round.is_multiple_of(2) => {
+                let span = (self.hi - self.lo) as f64;
+                let frac = (target - lt) as f64 / (ht - lt) as f64;
+                self.lo + (span * frac).round() as i64
+            }
+            _ => mid,
+        };
+        guess.clamp(self.lo + 1, self.hi - 1)
+    }
+}
+
+fn timed_out() -> JobError {
+    JobError::Kafka(KafkaError::MessageConsumption(
+        rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+    ))
+}
+
+fn event_time(m: &rdkafka::message::BorrowedMessage<'_>) -> i64 {
+    // An undecodable record counts as the start of time: searches move past it, and the job
+    // dead-letters it.
+    m.payload()
+        .and_then(|b| ClickRef::decode(b).ok())
+        .map_or(i64::MIN, |c| c.event_time_ms)
+}
+
+impl Probe {
+    fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
+        Ok(Probe {
+            brokers: brokers.to_owned(),
+            topic: topic.to_owned(),
+        })
+    }
+
+    /// A consumer of one partition from `offset`.
+    fn open(&self, partition: i32, offset: i64) -> Result<BaseConsumer, KafkaError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("clickpulse-probe.{}", self.topic))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            // A few records per look-up: no prefetching of whole partitions.
+            .set("queued.min.messages", "1")
+            .set("fetch.wait.max.ms", "10")
+            .set("max.partition.fetch.bytes", "16384")
+            .create()?;
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
+        consumer.assign(&list)?;
+        Ok(consumer)
+    }
+
+    /// Where consumers assigned at these offsets land, all looked up at once.
+    fn land(&self, wanted: &[(i32, i64)]) -> Result<HashMap<i32, Landing>, JobError> {
+        let mut open = wanted
+            .iter()
+            .map(|&(p, offset)| Ok((p, offset, self.open(p, offset)?)))
+            .collect::<Result<Vec<_>, KafkaError>>()?;
+        let mut out = HashMap::new();
+        let started = std::time::Instant::now();
+        while !open.is_empty() && started.elapsed() < PROBE_WAIT {
+            let mut i = 0;
+            while i < open.len() {
+                let (p, offset, consumer) = &open[i];
+                let landing = match consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) if m.offset() >= *offset => Some(Landing::Record {
+                        offset: m.offset(),
+                        time: event_time(&m),
+                    }),
+                    Some(Err(KafkaError::PartitionEOF(_))) => Some(Landing::Nothing),
+                    Some(Err(e)) => return Err(e.into()),
+                    _ => None,
+                };
+                if let Some(landing) = landing {
+                    out.insert(*p, landing);
+                    open.swap_remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for (p, _, _) in open {
+            out.insert(p, Landing::Nothing);
+        }
+        Ok(out)
+    }
+
+    /// The newest event time of each partition, and its true end: finds a position near the
+    /// reported high watermark that answers (stepping back from it), then reads to the end
+    /// (input is in event-time order per partition, and a broker can report a stale high
+    /// watermark). Empty partitions have no newest time.
+    #[allow(clippy::type_complexity)]
+    fn newest(
+        &self,
+        bounds: &[(i32, i64, i64)],
+    ) -> Result<(HashMap<i32, i64>, Vec<(i32, i64, i64)>), JobError> {
+        let mut starts: HashMap<i32, i64> = HashMap::new();
+        let mut step: i64 = 1;
+        let mut pending: Vec<(i32, i64, i64)> = bounds
+            .iter()
+            .copied()
+            .filter(|(_, low, high)| high > low)
+            .collect();
+        while !pending.is_empty() {
+            let wanted: Vec<(i32, i64)> = pending
+                .iter()
+                .map(|&(p, low, high)| (p, (high - step).max(low)))
+                .collect();
+            let landed = self.land(&wanted)?;
+            pending.retain(|&(p, low, high)| match landed.get(&p) {
+                Some(Landing::Record { offset, .. }) => {
+                    starts.insert(p, *offset);
+                    false
+                }
+                // Nothing even from the first offset: an empty partition.
+                _ => high - step > low,
+            });
+            step = step.saturating_mul(16);
+        }
+        // Read each partition from there to its end.
+        let mut readers = starts
+            .iter()
+            .map(|(&p, &offset)| Ok((p, self.open(p, offset)?)))
+            .collect::<Result<Vec<_>, KafkaError>>()?;
+        let mut ends: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
+        let mut newest: HashMap<i32, i64> = HashMap::new();
+        let deadline = std::time::Instant::now() + LOOKUP_TIMEOUT;
+        while !readers.is_empty() {
+            if std::time::Instant::now() >= deadline {
+                return Err(timed_out());
+            }
+            let mut i = 0;
+            let mut idle = true;
+            while i < readers.len() {
+                let (p, consumer) = &readers[i];
+                match consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => {
+                        idle = false;
+                        let t = newest.entry(*p).or_insert(i64::MIN);
+                        *t = (*t).max(event_time(&m));
+                        let end = ends.entry(*p).or_insert(0);
+                        *end = (*end).max(m.offset() + 1);
+                        i += 1;
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => {
+                        readers.swap_remove(i);
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => i += 1,
+                }
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let bounds = bounds
+            .iter()
+            .map(|&(p, low, high)| (p, low, ends.get(&p).copied().unwrap_or(high)))
+            .collect();
+        Ok((newest, bounds))
+    }
+
+    /// Per partition, the first position whose record's event time is `>= time` (the end
+    /// when there is none).
+    fn first_at_or_after(
+        &self,
+        bounds: &[(i32, i64, i64)],
+        newest: &HashMap<i32, i64>,
+        time: i64,
+    ) -> Result<Vec<(i32, i64)>, JobError> {
+        search(bounds, newest, time, |probes| self.land(probes))
+    }
+}
+
+/// The search of [`Probe::first_at_or_after`], over any way of landing (`land` answers where
+/// consumers assigned at offsets land).
+fn search(
+    bounds: &[(i32, i64, i64)],
+    newest: &HashMap<i32, i64>,
+    time: i64,
+    mut land: impl FnMut(&[(i32, i64)]) -> Result<HashMap<i32, Landing>, JobError>,
+) -> Result<Vec<(i32, i64)>, JobError> {
+    let mut ranges: Vec<Range> = bounds
+        .iter()
+        .map(|&(partition, low, high)| Range {
+            partition,
+            lo: low - 1,
+            lo_time: None,
+            hi: high,
+            hi_time: None,
+            hi_landing: None,
+            lo_landing: None,
+            nothings: 0,
+            round: 0,
+        })
+        .collect();
+    // About log2(n) rounds (fewer with interpolation); bounded for safety.
+    for _ in 0..96 {
+        let probes: Vec<(i32, i64)> = ranges
+            .iter()
+            .filter(|r| !r.done())
+            .map(|r| (r.partition, r.next_probe(time)))
+            .collect();
+        if probes.is_empty() {
+            break;
+        }
+        let landed = land(&probes)?;
+        for r in ranges.iter_mut().filter(|r| !r.done()) {
+            let probe = r.next_probe(time);
+            match landed
+                .get(&r.partition)
+                .copied()
+                .unwrap_or(Landing::Nothing)
+            {
+                // Seeking to the probe lands on this record: at or after the time.
+                Landing::Record { offset, time: t } if t >= time => {
+                    (r.hi, r.hi_time, r.hi_landing) = (probe, Some(t), Some(offset));
+                }
+                // Everything up to this record is before the time.
+                Landing::Record { offset, time: t } => {
+                    (r.lo, r.lo_time) = (offset.min(r.hi - 1), Some(t));
+                    r.lo_landing = Some(offset);
+                }
+                // Seeking here finds nothing (Kafka: the end; a batch-serving broker:
+                // inside its last batch): look before it.
+                Landing::Nothing => {
+                    (r.hi, r.hi_time, r.hi_landing) = (probe, None, None);
+                    r.nothings += 1;
+                }
+            }
+            r.round += 1;
+        }
+    }
+    let ends: HashMap<i32, (i64, i64)> = bounds
+        .iter()
+        .map(|&(p, low, high)| (p, (low, high)))
+        .collect();
+    Ok(ranges
+        .iter()
+        .map(|r| {
+            let (low, end) = ends.get(&r.partition).copied().unwrap_or((0, r.hi));
+            let has_later = newest.get(&r.partition).is_some_and(|&n| n >= time);
+            let start = match (r.lo_landing, r.hi_landing) {
+                // Where any offset can be read (Kafka), the last record before the time and
+                // the first at or after it are neighbours: start exactly at the latter.
+                (Some(before), Some(after)) if after == before + 1 => after,
+                (None, Some(after)) if after == low => after,
+                // Where only batch starts can be read, records at or after the time can sit in
+                // the batch that starts before it: start there (or at the beginning). Reading
+                // a little more is safe: earlier records only fill ticks, and partial windows
+                // are not emitted.
+                _ if has_later => r.lo_landing.unwrap_or(low),
+                _ => end,
+            };
+            (r.partition, start)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One partition of `n` records, record `i` at time `10 * i`; consumers land on `batch`
+    /// boundaries only (1 = Kafka, which serves any offset), nothing inside the last batch.
+    fn run(n: i64, batch: i64, time: i64) -> (i64, usize) {
+        let mut lookups = 0;
+        let newest = HashMap::from([(0, 10 * (n - 1))]);
+        let found = search(&[(0, 0, n)], &newest, time, |probes| {
+            lookups += 1;
+            Ok(probes
+                .iter()
+                .map(|&(p, offset)| {
+                    let start = (offset + batch - 1) / batch * batch;
+                    let landing = if start < n {
+                        Landing::Record {
+                            offset: start,
+                            time: 10 * start,
+                        }
+                    } else {
+                        Landing::Nothing
+                    };
+                    (p, landing)
+                })
+                .collect())
+        })
+        .unwrap();
+        (found[0].1, lookups)
+    }
+
+    #[test]
+    fn the_search_finds_the_exact_offset_where_any_offset_can_be_read() {
+        for (time, want) in [
+            (0, 0),
+            (5, 1),
+            (10, 1),
+            (123_456, 12_346),
+            (999_990, 99_999),
+        ] {
+            let (got, lookups) = run(100_000, 1, time);
+            assert_eq!(got, want, "time {time}");
+            assert!(lookups <= 40, "{lookups} look-ups");
+        }
+        assert_eq!(
+            run(100_000, 1, 2_000_000).0,
+            100_000,
+            "after the newest: the end"
+        );
+    }
+
+    #[test]
+    fn where_only_batch_starts_can_be_read_it_starts_at_the_batch_holding_the_time() {
+        // Batches of 1,000: the record at time 123,450 is offset 12,345, in the batch at 12,000.
+        assert_eq!(run(100_000, 1_000, 123_450).0, 12_000);
+        // At a batch's first record, the batch before could end with records of the same time:
+        // it is read too.
+        assert_eq!(run(100_000, 1_000, 120_000).0, 11_000);
+        // Inside the last batch, which cannot be reached from within: a batch start before it
+        // (each look-up into the last batch waits for nothing, so they are capped).
+        let (start, lookups) = run(100_000, 1_000, 995_000);
+        assert!((50_000..=99_000).contains(&start), "{start}");
+        assert!(lookups <= 40);
+    }
 }

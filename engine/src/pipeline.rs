@@ -92,6 +92,9 @@ pub struct PipelineState {
     totals: TotalCounts,
     newest_ms: i64,
     seq: u64,
+    /// Windows starting before this instant are closed but not emitted: a job that started
+    /// from a point in the log has not seen their beginning (see [`Pipeline::backfill_from`]).
+    windows_from_ms: i64,
 }
 
 /// One tenant's operators over a history store `S`.
@@ -130,6 +133,7 @@ impl<S: HistoryStore> Pipeline<S> {
             },
             newest_ms: i64::MIN,
             seq: 0,
+            windows_from_ms: i64::MIN,
             config,
         };
         Ok(Pipeline {
@@ -150,6 +154,13 @@ impl<S: HistoryStore> Pipeline<S> {
             store,
             out: Vec::new(),
         }
+    }
+
+    /// Declares that input starts at `start_ms` (a job seeking to the newest event time minus
+    /// one window): sliding windows that began earlier would be partial, so they are not
+    /// emitted, and the first window a dashboard sees is a complete one.
+    pub fn backfill_from(&mut self, start_ms: i64) {
+        self.state.windows_from_ms = start_ms;
     }
 
     /// The state to checkpoint. Pending history updates travel with it, so the store need not
@@ -361,7 +372,9 @@ impl<S: HistoryStore> Pipeline<S> {
     fn on_slide(&mut self, end: i64) {
         let c = &self.state.config;
         let (window_ms, slide_ms, n) = (c.window_ms, c.slide_ms, c.top_n);
-        if let Some(counts) = self.state.window.close(end) {
+        if let Some(counts) = self.state.window.close(end)
+            && end - window_ms >= self.state.windows_from_ms
+        {
             self.emit(
                 end - window_ms,
                 end,

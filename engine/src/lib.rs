@@ -11,18 +11,23 @@
 //! The operators (`window`, `sessions`, `history`, `watermark`, composed by `pipeline`) are
 //! plain structs without I/O of their own: they are property-tested against a naive oracle and
 //! benchmarked without Kafka. The visitor-history store is injected (on disk in a job, in
-//! memory in tests). `job` is the async wrapper.
+//! memory in tests). `job` is the async wrapper; `control` runs jobs on demand from the
+//! ZooKeeper registrations (see its module docs) and `links` carries their results to the
+//! gateways over ZeroMQ.
 #![forbid(unsafe_code)]
 
 pub mod bloom;
 pub mod config;
+pub mod control;
 pub mod history;
 pub mod job;
+pub mod links;
 pub mod pipeline;
 pub mod sessions;
 pub mod watermark;
 pub mod window;
 
 pub use config::OperatorConfig;
+pub use control::{Engine, EngineConfig, JobState, JobStatus};
 pub use history::{History, HistoryStore, MemStore, RedbStore};
 pub use pipeline::{Admission, EngineError, Pipeline, PipelineState};

@@ -67,7 +67,7 @@ pub struct GatewayArgs {
     idle_timeout: f64,
 }
 
-fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
+pub(crate) fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(s)
         .ok()
         .filter(|d| !d.is_zero())

@@ -2,6 +2,7 @@
 //! the typed config of its library and calls that library's `run`; nothing else lives here.
 #![forbid(unsafe_code)]
 
+mod engine;
 mod gateway;
 mod replay;
 mod zk;
@@ -36,6 +37,8 @@ struct Cli {
 enum Command {
     /// Replay the MSNBC clickstream into Kafka, one topic per tenant, in event-time order.
     Replay(replay::Args),
+    /// Run tenants' aggregation jobs on demand, as ZooKeeper says clients are watching.
+    Engine(engine::EngineArgs),
     /// Serve tenants' live results to browsers over WebSockets, fed by engines over ZeroMQ.
     Gateway(gateway::GatewayArgs),
     /// Mint a tenant token (HS256 JWT) signed with the gateway's secret.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
     runtime.spawn(cancel_on_signal(shutdown.clone()));
     let result = match cli.command {
         Command::Replay(args) => runtime.block_on(replay::run(args, shutdown)),
+        Command::Engine(args) => runtime.block_on(engine::engine(args, shutdown)),
         Command::Gateway(args) => runtime.block_on(gateway::gateway(args, shutdown)),
         Command::Token(args) => gateway::token(args),
         Command::Zk(args) => runtime.block_on(zk::run(args, shutdown)),

@@ -55,6 +55,11 @@ impl Daemon {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Where the process's output goes.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
     /// The last `max` bytes of the log, for error messages.
     pub fn log_tail(&self, max: u64) -> String {
         let mut text = String::new();

@@ -1,0 +1,282 @@
+//! A whole clickpulse cluster for tests and the jobs benchmark: a private ZooKeeper (short
+//! ticks, so session expiry takes seconds), the broker, gateways in process, engines in process
+//! or as `clickpulse engine` processes (for kill -9), and WebSocket viewers.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clickpulse_cluster::{ZkConfig, ZkSession};
+use clickpulse_engine::job::StartFrom;
+use clickpulse_engine::{Engine, EngineConfig};
+use clickpulse_gateway::auth::{TokenKey, now_secs};
+use clickpulse_gateway::{GatewayConfig, Limits, Running};
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::zk::{Layout, OwnerRecord, Right};
+use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
+use clickpulse_tests::process::Daemon;
+use clickpulse_tests::{Broker, ZkOptions, ZooKeeper, unique_name};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "a test secret of at least 32 bytes!!";
+/// Session timeout of every member: a dead one's nodes go within this.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Cluster {
+    pub zk: ZooKeeper,
+    pub broker: Broker,
+    pub root: String,
+    pub layout: Layout,
+    pub dir: tempfile::TempDir,
+    /// The test's own session, for reading the tree.
+    pub session: ZkSession,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        let zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
+        let broker = Broker::start().unwrap();
+        let root = format!("/{}", unique_name("cluster"));
+        let layout = Layout::new(&root).unwrap();
+        let session = ZkSession::connect(zk_config(&zk), &CancellationToken::new())
+            .await
+            .unwrap();
+        Cluster {
+            zk,
+            broker,
+            root,
+            layout,
+            dir: tempfile::tempdir().unwrap(),
+            session,
+        }
+    }
+
+    pub fn zk_config(&self) -> ZkConfig {
+        zk_config(&self.zk)
+    }
+
+    /// Replays `users` synthetic visitors into each tenant's topic (all of them for each).
+    pub fn replay(&self, tenants: &[Tenant], users: u64) {
+        let mut config = ReplayConfig::new(
+            Source::Synthetic { users, seed: 5 },
+            self.broker.bootstrap(),
+            tenants.to_vec(),
+        );
+        config.progress = ProgressMode::Quiet;
+        clickpulse_replay::run(&config, &CancellationToken::new()).unwrap();
+    }
+
+    pub async fn gateway(&self, id: &str) -> (Running, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let running = clickpulse_gateway::start(
+            GatewayConfig {
+                id: id.into(),
+                listen: "127.0.0.1:0".parse().unwrap(),
+                zmq_bind: "tcp://127.0.0.1:0".into(),
+                zmq_advertise: None,
+                secret: SECRET.as_bytes().to_vec(),
+                limits: Limits::default(),
+                zookeeper: Some(self.zk_config()),
+                layout: self.layout.clone(),
+            },
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        (running, shutdown)
+    }
+
+    pub fn engine_config(&self, id: &str, linger: Duration) -> EngineConfig {
+        let mut config = EngineConfig::new(
+            id,
+            self.broker.bootstrap(),
+            self.zk_config(),
+            self.dir.path().join(id),
+        );
+        config.layout = self.layout.clone();
+        config.linger = linger;
+        config.start = StartFrom::Earliest;
+        config.idle_timeout = Duration::from_millis(300);
+        config
+    }
+
+    pub async fn engine(&self, config: EngineConfig) -> (Engine, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let engine = clickpulse_engine::control::start(config, shutdown.clone())
+            .await
+            .unwrap();
+        (engine, shutdown)
+    }
+
+    /// `clickpulse engine` as a process (so it can be killed with SIGKILL).
+    pub fn engine_process(&self, id: &str, linger_s: f64) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
+        command.args([
+            "engine",
+            "--id",
+            id,
+            "--brokers",
+            self.broker.bootstrap(),
+            "--zookeeper",
+            self.zk.connect_string(),
+            "--zk-root",
+            &self.root,
+            "--zk-session-timeout",
+            &SESSION_TIMEOUT.as_secs_f64().to_string(),
+            "--linger",
+            &linger_s.to_string(),
+            "--from",
+            "earliest",
+            "--idle-timeout",
+            "0.3",
+            "--log",
+            "info,zookeeper_client=warn,clickpulse_engine::links=debug",
+        ]);
+        command.arg("--data-dir").arg(self.dir.path().join("state"));
+        Daemon::spawn(
+            "engine",
+            command,
+            &self.dir.path().join(format!("{id}.log")),
+        )
+        .unwrap()
+    }
+
+    /// Owner records by tenant, as ZooKeeper has them now.
+    pub async fn owners(&self) -> BTreeMap<Tenant, OwnerRecord> {
+        let client = self.session.client().unwrap();
+        let mut out = BTreeMap::new();
+        let Ok(names) = client.list_children(&self.layout.tenants()).await else {
+            return out;
+        };
+        for name in names {
+            let tenant = Tenant::new(&name).unwrap();
+            if let Ok((bytes, _)) = client.get_data(&self.layout.owner(&tenant)).await {
+                out.insert(tenant, serde_json::from_slice(&bytes).unwrap());
+            }
+        }
+        out
+    }
+
+    /// Client registrations of `tenant` now.
+    pub async fn clients(&self, tenant: &Tenant) -> usize {
+        let client = self.session.client().unwrap();
+        client
+            .list_children(&self.layout.clients(tenant))
+            .await
+            .map_or(0, |c| c.len())
+    }
+}
+
+pub fn zk_config(zk: &ZooKeeper) -> ZkConfig {
+    ZkConfig {
+        connect: zk.connect_string().to_owned(),
+        session_timeout: SESSION_TIMEOUT,
+        connect_timeout: Duration::from_secs(10),
+    }
+}
+
+pub fn token(tenant: &Tenant) -> String {
+    TokenKey::new(SECRET.as_bytes())
+        .unwrap()
+        .mint(tenant, "test", &[Right::View], now_secs(), 3600)
+}
+
+/// A WebSocket viewer of `tenant` subscribed to `streams` (JSON names, comma-separated).
+pub async fn viewer(gateway: &Running, tenant: &Tenant, streams: &str) -> Ws {
+    let url = format!("ws://{}/ws?token={}", gateway.http_addr, token(tenant));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let msg = format!(r#"{{"type":"subscribe","streams":[{streams}]}}"#);
+    ws.send(Message::Text(msg.into())).await.unwrap();
+    ws
+}
+
+/// The next result message's `result` object within `limit`, skipping other messages.
+pub async fn next_result(ws: &mut Ws, limit: Duration) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let msg = tokio::time::timeout(left, ws.next()).await.ok()??.ok()?;
+        if let Message::Text(t) = msg {
+            let v: serde_json::Value = serde_json::from_str(t.as_str()).ok()?;
+            if v["type"] == "result" {
+                return Some(v["result"].clone());
+            }
+        }
+    }
+}
+
+/// One line of an engine's ownership report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnershipEvent {
+    pub engine: String,
+    pub tenant: String,
+    pub epoch: u64,
+    pub at_ms: i64,
+    pub acquired: bool,
+}
+
+fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {name}="))? + name.len() + 2;
+    line[start..].split_whitespace().next()
+}
+
+/// The `ownership acquired` / `ownership released` lines of an engine log.
+pub fn ownership_events(log: &Path) -> Vec<OwnershipEvent> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let acquired = line.contains("ownership acquired");
+            if !acquired && !line.contains("ownership released") {
+                return None;
+            }
+            Some(OwnershipEvent {
+                engine: field(line, "engine")?.to_owned(),
+                tenant: field(line, "tenant")?.to_owned(),
+                epoch: field(line, "epoch")?.parse().ok()?,
+                at_ms: field(line, "at_ms")?.parse().ok()?,
+                acquired,
+            })
+        })
+        .collect()
+}
+
+/// Belief intervals per tenant `(engine, epoch, from_ms, to_ms)`; an interval still open ends
+/// at `open_until_ms` of its engine (when it was killed, or now).
+pub fn beliefs(
+    events: &[OwnershipEvent],
+    open_until_ms: &BTreeMap<String, i64>,
+) -> BTreeMap<String, Vec<(String, u64, i64, i64)>> {
+    let mut open: BTreeMap<(String, String), (u64, i64)> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<(String, u64, i64, i64)>> = BTreeMap::new();
+    for e in events {
+        let key = (e.engine.clone(), e.tenant.clone());
+        if e.acquired {
+            open.insert(key, (e.epoch, e.at_ms));
+        } else if let Some((epoch, from)) = open.remove(&key) {
+            out.entry(e.tenant.clone())
+                .or_default()
+                .push((e.engine.clone(), epoch, from, e.at_ms));
+        }
+    }
+    for ((engine, tenant), (epoch, from)) in open {
+        let until = open_until_ms.get(&engine).copied().unwrap_or(i64::MAX);
+        out.entry(tenant)
+            .or_default()
+            .push((engine, epoch, from, until));
+    }
+    out
+}
+
+pub fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

@@ -864,7 +864,7 @@ async fn job_task(
 ) {
     let (tenant, epoch) = (config.tenant.clone(), config.epoch);
     let (tx, rx) = mpsc::channel(1024);
-    let forwarder = tokio::spawn(forward(rx, gateways, links, first_result));
+    let forwarder = tokio::spawn(forward(tenant.clone(), rx, gateways, links, first_result));
     let outcome = run_job(config, tx, cancel).await.map_err(|e| e.to_string());
     let _ = forwarder.await;
     let _ = exits.send(Exit {
@@ -876,11 +876,13 @@ async fn job_task(
 
 /// Sends every result to every gateway hosting a client of the tenant, encoded once.
 async fn forward(
+    tenant: Tenant,
     mut rx: mpsc::Receiver<ResultMsg>,
     gateways: watch::Receiver<Vec<String>>,
     links: Links,
     first_result: watch::Sender<bool>,
 ) {
+    let started = Instant::now();
     while let Some(msg) = rx.recv().await {
         let frames: Frames = ResultFrame::from_result(&msg)
             .encode()
@@ -890,7 +892,9 @@ async fn forward(
         for gateway in gateways.borrow().iter() {
             links.send(gateway, &frames);
         }
-        first_result.send_if_modified(|first| !std::mem::replace(first, true));
+        if first_result.send_if_modified(|first| !std::mem::replace(first, true)) {
+            tracing::info!(%tenant, epoch = msg.epoch, ms_since_start = started.elapsed().as_millis() as u64, "first result out");
+        }
     }
 }
 

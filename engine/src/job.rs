@@ -102,6 +102,7 @@ pub async fn run_job(
         .set("enable.partition.eof", "true")
         .create_with_context(JobContext)?;
     // Metadata and offset look-ups block: keep them off the async workers.
+    let seek_started = std::time::Instant::now();
     let (consumer, assigned) = {
         let (name, start, ops) = (topic.clone(), config.start, config.operators.clone());
         let brokers = config.brokers.clone();
@@ -124,12 +125,15 @@ pub async fn run_job(
     if let Some(from_ms) = from_ms {
         pipeline.backfill_from(from_ms);
     }
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, partitions, from_ms, "job started");
+    let seek_ms = seek_started.elapsed().as_millis() as u64;
+    tracing::info!(tenant = %config.tenant, epoch = config.epoch, partitions, from_ms, seek_ms, "job started");
 
     let mut report = JobReport::default();
     let mut last_seen = vec![Instant::now(); partitions];
-    let mut at_end = vec![false; partitions];
     let mut idle = vec![false; partitions];
+    let mut at_end = vec![false; partitions];
+    let started = Instant::now();
+    let mut seen_any = vec![false; partitions];
     let mut idle_check = tokio::time::interval(config.idle_timeout / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -139,8 +143,17 @@ pub async fn run_job(
                 let message = match message {
                     Ok(m) => m,
                     Err(KafkaError::PartitionEOF(p)) => {
-                        if let Some(end) = usize::try_from(p).ok().and_then(|p| at_end.get_mut(p)) {
-                            *end = true;
+                        let Some(p) = usize::try_from(p).ok().filter(|&p| p < partitions) else {
+                            continue;
+                        };
+                        at_end[p] = true;
+                        // A partition with nothing at all since the start position holds
+                        // nothing back: idle at once, so a starting job's first results do
+                        // not wait for the idle timeout.
+                        if !seen_any[p] && !idle[p] {
+                            idle[p] = true;
+                            pipeline.on_idle(p)?;
+                            emit(&mut pipeline, &results, &mut report).await?;
                         }
                         continue;
                     }
@@ -150,6 +163,7 @@ pub async fn run_job(
                 let partition = usize::try_from(message.partition()).unwrap_or(0);
                 if let Some(seen) = last_seen.get_mut(partition) {
                     *seen = Instant::now();
+                    seen_any[partition] = true;
                     at_end[partition] = false;
                     idle[partition] = false;
                 }
@@ -174,25 +188,42 @@ pub async fn run_job(
                 }
             }
             _ = idle_check.tick() => {
+                // Idle: at its end and nothing delivered for the idle timeout. A partition that
+                // has delivered nothing at all and reported no end either (a batch-serving
+                // broker such as tansu reports no end for a position inside its last batch)
+                // must not hold the watermark back forever: idle after a start-up grace, long
+                // enough for every partition's first fetch.
+                let grace = (config.idle_timeout * 4).max(Duration::from_secs(2));
                 for (p, seen) in last_seen.iter().enumerate() {
-                    if at_end[p] && !idle[p] && seen.elapsed() >= config.idle_timeout {
+                    let silent = at_end[p] || (!seen_any[p] && started.elapsed() >= grace);
+                    if silent && !idle[p] && seen.elapsed() >= config.idle_timeout {
                         idle[p] = true;
                         pipeline.on_idle(p)?;
                     }
                 }
             }
         }
-        for result in pipeline.take_results() {
-            report.results += 1;
-            results
-                .send(result)
-                .await
-                .map_err(|_| JobError::ResultsClosed)?;
-        }
+        emit(&mut pipeline, &results, &mut report).await?;
     }
     pipeline.flush_history()?;
     tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, "job stopped");
     Ok(report)
+}
+
+/// Sends the pipeline's new results; a full channel waits (backpressure), never drops.
+async fn emit(
+    pipeline: &mut Pipeline<RedbStore>,
+    results: &mpsc::Sender<ResultMsg>,
+    report: &mut JobReport,
+) -> Result<(), JobError> {
+    for result in pipeline.take_results() {
+        report.results += 1;
+        results
+            .send(result)
+            .await
+            .map_err(|_| JobError::ResultsClosed)?;
+    }
+    Ok(())
 }
 
 /// Assigns every partition of `topic` at the start position; returns the partition count and,
@@ -259,7 +290,12 @@ pub struct JobContext;
 
 impl ClientContext for JobContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
             tracing::error!(%error, reason, "kafka client error");
         }
     }
@@ -288,7 +324,7 @@ struct Probe {
 }
 
 /// How long one look-up waits for its record.
-const PROBE_WAIT: Duration = Duration::from_millis(500);
+const PROBE_WAIT: Duration = Duration::from_millis(300);
 
 /// What a consumer assigned at an offset finds first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -377,17 +413,18 @@ impl Probe {
     }
 
     /// Where consumers assigned at these offsets land, all looked up at once.
-    fn land(&self, wanted: &[(i32, i64)]) -> Result<HashMap<i32, Landing>, JobError> {
+    fn land(&self, wanted: &[(i32, i64)]) -> Result<Vec<Landing>, JobError> {
         let mut open = wanted
             .iter()
-            .map(|&(p, offset)| Ok((p, offset, self.open(p, offset)?)))
+            .enumerate()
+            .map(|(i, &(p, offset))| Ok((i, offset, self.open(p, offset)?)))
             .collect::<Result<Vec<_>, KafkaError>>()?;
-        let mut out = HashMap::new();
+        let mut out = vec![Landing::Nothing; wanted.len()];
         let started = std::time::Instant::now();
         while !open.is_empty() && started.elapsed() < PROBE_WAIT {
             let mut i = 0;
             while i < open.len() {
-                let (p, offset, consumer) = &open[i];
+                let (slot, offset, consumer) = &open[i];
                 let landing = match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) if m.offset() >= *offset => Some(Landing::Record {
                         offset: m.offset(),
@@ -398,16 +435,13 @@ impl Probe {
                     _ => None,
                 };
                 if let Some(landing) = landing {
-                    out.insert(*p, landing);
+                    out[*slot] = landing;
                     open.swap_remove(i);
                 } else {
                     i += 1;
                 }
             }
             std::thread::sleep(Duration::from_millis(1));
-        }
-        for (p, _, _) in open {
-            out.insert(p, Landing::Nothing);
         }
         Ok(out)
     }
@@ -421,28 +455,25 @@ impl Probe {
         &self,
         bounds: &[(i32, i64, i64)],
     ) -> Result<(HashMap<i32, i64>, Vec<(i32, i64, i64)>), JobError> {
-        let mut starts: HashMap<i32, i64> = HashMap::new();
-        let mut step: i64 = 1;
-        let mut pending: Vec<(i32, i64, i64)> = bounds
-            .iter()
-            .copied()
-            .filter(|(_, low, high)| high > low)
-            .collect();
-        while !pending.is_empty() {
-            let wanted: Vec<(i32, i64)> = pending
-                .iter()
-                .map(|&(p, low, high)| (p, (high - step).max(low)))
-                .collect();
-            let landed = self.land(&wanted)?;
-            pending.retain(|&(p, low, high)| match landed.get(&p) {
-                Some(Landing::Record { offset, .. }) => {
-                    starts.insert(p, *offset);
-                    false
+        // Several positions stepping back from the reported end, all looked up at once: the
+        // latest that answers is where to read from (on Kafka, the first one always does).
+        let mut wanted = Vec::new();
+        for &(p, low, high) in bounds.iter().filter(|(_, low, high)| high > low) {
+            let mut step = 1;
+            loop {
+                wanted.push((p, (high - step).max(low)));
+                if high - step <= low {
+                    break;
                 }
-                // Nothing even from the first offset: an empty partition.
-                _ => high - step > low,
-            });
-            step = step.saturating_mul(16);
+                step = step.saturating_mul(32);
+            }
+        }
+        let mut starts: HashMap<i32, i64> = HashMap::new();
+        for (&(p, _), landing) in wanted.iter().zip(self.land(&wanted)?) {
+            if let Landing::Record { offset, .. } = landing {
+                let start = starts.entry(p).or_insert(offset);
+                *start = (*start).max(offset);
+            }
         }
         // Read each partition from there to its end.
         let mut readers = starts
@@ -495,7 +526,10 @@ impl Probe {
         newest: &HashMap<i32, i64>,
         time: i64,
     ) -> Result<Vec<(i32, i64)>, JobError> {
-        search(bounds, newest, time, |probes| self.land(probes))
+        search(bounds, newest, time, |probes| {
+            let landed = self.land(probes)?;
+            Ok(probes.iter().map(|&(p, _)| p).zip(landed).collect())
+        })
     }
 }
 

@@ -115,8 +115,14 @@ impl Cluster {
         (engine, shutdown)
     }
 
-    /// `clickpulse engine` as a process (so it can be killed with SIGKILL).
+    /// `clickpulse engine` as a process (so it can be killed with SIGKILL), reading from the
+    /// start of each topic.
     pub fn engine_process(&self, id: &str, linger_s: f64) -> Daemon {
+        self.engine_process_from(id, linger_s, "earliest")
+    }
+
+    /// `clickpulse engine` as a process, starting jobs `--from` `from`.
+    pub fn engine_process_from(&self, id: &str, linger_s: f64, from: &str) -> Daemon {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
         command.args([
             "engine",
@@ -133,7 +139,7 @@ impl Cluster {
             "--linger",
             &linger_s.to_string(),
             "--from",
-            "earliest",
+            from,
             "--idle-timeout",
             "0.3",
             "--log",

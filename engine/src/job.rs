@@ -260,7 +260,9 @@ fn assign(
                 Ok((p, low, high))
             })
             .collect::<Result<_, KafkaError>>()?;
+        tracing::debug!(?bounds, "partition bounds");
         let (newest, bounds) = probe.newest(&bounds)?;
+        tracing::debug!(?newest, ?bounds, "newest event times");
         let from_ms = match start {
             StartFrom::Time(ms) => Some(ms),
             // The newest window that is final once the newest records are read: the first
@@ -321,6 +323,42 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 struct Probe {
     brokers: String,
     topic: String,
+}
+
+/// A look-up's consumer. Dropped, it stops fetching, throws away what it fetched, and is
+/// destroyed on a thread of its own: librdkafka's destroy waits for every reference to the
+/// partition to go, which on a live topic was seen to take many seconds (the seek, and with it
+/// the job's start, must not wait for that).
+struct ProbeConsumer(Option<BaseConsumer>);
+
+impl std::ops::Deref for ProbeConsumer {
+    type Target = BaseConsumer;
+    fn deref(&self) -> &BaseConsumer {
+        self.0.as_ref().expect("a probe consumer until dropped")
+    }
+}
+
+impl Drop for ProbeConsumer {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else {
+            return;
+        };
+        if let Err(error) = consumer.unassign() {
+            tracing::debug!(%error, "probe consumer unassign");
+        }
+        // Unassigned, it fetches no more: what is queued is finite (bounded all the same).
+        for _ in 0..100_000 {
+            if consumer.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        let destroy = std::thread::Builder::new()
+            .name("probe-destroy".into())
+            .spawn(move || drop(consumer));
+        if let Err(error) = destroy {
+            tracing::warn!(%error, "no thread to destroy a probe consumer on; leaking it");
+        }
+    }
 }
 
 /// How long one look-up waits for its record.
@@ -395,7 +433,7 @@ impl Probe {
     }
 
     /// A consumer of one partition from `offset`.
-    fn open(&self, partition: i32, offset: i64) -> Result<BaseConsumer, KafkaError> {
+    fn open(&self, partition: i32, offset: i64) -> Result<ProbeConsumer, KafkaError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("clickpulse-probe.{}", self.topic))
@@ -409,7 +447,7 @@ impl Probe {
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
         consumer.assign(&list)?;
-        Ok(consumer)
+        Ok(ProbeConsumer(Some(consumer)))
     }
 
     /// Where consumers assigned at these offsets land, all looked up at once.
@@ -475,7 +513,9 @@ impl Probe {
                 *start = (*start).max(offset);
             }
         }
-        // Read each partition from there to its end.
+        // Read each partition from there to its end as it was when looked up: on a live
+        // topic the end keeps moving, and chasing it would never finish.
+        let looked_up: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
         let mut readers = starts
             .iter()
             .map(|(&p, &offset)| Ok((p, self.open(p, offset)?)))
@@ -498,7 +538,11 @@ impl Probe {
                         *t = (*t).max(event_time(&m));
                         let end = ends.entry(*p).or_insert(0);
                         *end = (*end).max(m.offset() + 1);
-                        i += 1;
+                        if m.offset() + 1 >= looked_up.get(p).copied().unwrap_or(0) {
+                            readers.swap_remove(i);
+                        } else {
+                            i += 1;
+                        }
                     }
                     Some(Err(KafkaError::PartitionEOF(_))) => {
                         readers.swap_remove(i);
@@ -565,7 +609,14 @@ fn search(
         if probes.is_empty() {
             break;
         }
+        let round_started = std::time::Instant::now();
         let landed = land(&probes)?;
+        tracing::debug!(
+            ?probes,
+            ?landed,
+            ms = round_started.elapsed().as_millis() as u64,
+            "search round"
+        );
         for r in ranges.iter_mut().filter(|r| !r.done()) {
             let probe = r.next_probe(time);
             match landed

@@ -74,6 +74,15 @@ impl Cluster {
     }
 
     pub async fn gateway(&self, id: &str) -> (Running, CancellationToken) {
+        self.gateway_serving(id, None).await
+    }
+
+    /// A gateway that also serves the built dashboard from `web_dir`.
+    pub async fn gateway_serving(
+        &self,
+        id: &str,
+        web_dir: Option<std::path::PathBuf>,
+    ) -> (Running, CancellationToken) {
         let shutdown = CancellationToken::new();
         let running = clickpulse_gateway::start(
             GatewayConfig {
@@ -85,6 +94,7 @@ impl Cluster {
                 limits: Limits::default(),
                 zookeeper: Some(self.zk_config()),
                 layout: self.layout.clone(),
+                web_dir,
             },
             shutdown.clone(),
         )

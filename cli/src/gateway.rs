@@ -40,6 +40,9 @@ pub struct GatewayArgs {
     /// ZooKeeper session timeout, seconds (the server clamps it to 2–20 ticks).
     #[arg(long, env = "CLICKPULSE_ZK_SESSION_TIMEOUT", default_value_t = 10.0)]
     zk_session_timeout: f64,
+    /// The built dashboard, served at `/` (`scripts/setup` builds it into `web/dist`).
+    #[arg(long, env = "CLICKPULSE_WEB_DIR", default_value = "web/dist")]
+    web_dir: std::path::PathBuf,
     /// Secret that signs tenant tokens (at least 32 bytes).
     #[arg(long, env = "CLICKPULSE_SECRET", hide_env_values = true)]
     secret: String,
@@ -132,6 +135,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
         zmq_advertise: args.zmq_advertise,
         zookeeper,
         layout,
+        web_dir: Some(args.web_dir),
         secret: args.secret.into_bytes(),
         limits: Limits {
             max_frame_bytes: args.max_frame_bytes,

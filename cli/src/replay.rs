@@ -33,7 +33,7 @@ pub struct Args {
     seed: u64,
 
     /// Kafka bootstrap servers.
-    #[arg(long, env = "CLICKPULSE_KAFKA", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = "CLICKPULSE_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
 
     /// Tenants, comma-separated; user u goes to tenant u mod N.

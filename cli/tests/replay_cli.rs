@@ -9,7 +9,7 @@ use clickpulse_tests::{Broker, unique_name};
 fn clickpulse(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_clickpulse"))
         .args(args)
-        .env_remove("CLICKPULSE_KAFKA")
+        .env_remove("CLICKPULSE_BROKERS")
         .output()
         .expect("clickpulse runs")
 }

@@ -46,6 +46,8 @@ pub struct GatewayConfig {
     pub zookeeper: Option<ZkConfig>,
     /// Root of the clickpulse tree in ZooKeeper.
     pub layout: Layout,
+    /// The built dashboard (`web/dist`), served at `/`; `None` serves no pages.
+    pub web_dir: Option<std::path::PathBuf>,
 }
 
 /// Why the gateway cannot start.
@@ -147,7 +149,8 @@ pub async fn start(
         ingress_stats,
         shutdown.clone(),
     ));
-    let app = server::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = server::router(state.clone(), config.web_dir.as_deref())
+        .into_make_service_with_connect_info::<SocketAddr>();
     let serve_shutdown = shutdown.clone();
     let id = config.id.clone();
     let task_state = state.clone();

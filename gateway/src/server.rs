@@ -285,14 +285,36 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+/// The gateway's routes; with `web_dir`, every other path is a file of the built dashboard.
+pub fn router(state: Arc<AppState>, web_dir: Option<&std::path::Path>) -> Router {
+    let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/admin/cluster", get(admin_cluster))
         .route("/ws", get(ws_handler))
-        .with_state(state)
+        .with_state(state);
+    match web_dir {
+        Some(dir) if dir.join("index.html").is_file() => router.fallback_service(
+            tower_http::services::ServeDir::new(dir).append_index_html_on_directories(true),
+        ),
+        Some(dir) => {
+            tracing::warn!(dir = %dir.display(), "the dashboard is not built here: run scripts/setup");
+            let dir = dir.display().to_string();
+            router.fallback(move || not_built(dir.clone()))
+        }
+        None => router,
+    }
+}
+
+/// What `/` says when the dashboard's assets are missing.
+async fn not_built(dir: String) -> Response {
+    let body = format!(
+        "clickpulse gateway: the dashboard is not built ({dir}/index.html is missing).\n\
+         Build it with scripts/setup (npm ci && npm run build in web/). \
+         The WebSocket API (/ws), /healthz, /readyz and /metrics work without it.\n"
+    );
+    (StatusCode::NOT_FOUND, body).into_response()
 }
 
 /// Ready while not shutting down and, with ZooKeeper, while its session is connected: the HTTP

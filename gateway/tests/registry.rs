@@ -26,6 +26,7 @@ fn config(zookeeper: ZkConfig, layout: Layout) -> GatewayConfig {
         limits: Limits::default(),
         zookeeper: Some(zookeeper),
         layout,
+        web_dir: None,
     }
 }
 

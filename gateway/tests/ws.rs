@@ -34,6 +34,7 @@ async fn gateway(limits: Limits) -> (Running, CancellationToken) {
             limits,
             zookeeper: None,
             layout: Default::default(),
+            web_dir: None,
         },
         shutdown.clone(),
     )

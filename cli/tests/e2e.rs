@@ -1,0 +1,201 @@
+//! The dashboard end to end in a real browser: ZooKeeper, the broker, an engine process, a
+//! gateway serving the built dashboard and a live replay of the MSNBC data; Debian chromium
+//! driven by `web/e2e/dashboard.e2e.mjs` (playwright-core). Screenshots go to `target/e2e/`.
+//! Needs `scripts/setup --test` (chromium, the dashboard's npm packages and build).
+#![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clickpulse_gateway::auth::{TokenKey, now_secs};
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::zk::Right;
+use clickpulse_replay::{ProgressMode, ReplayConfig, Source, Speed};
+use common::{Cluster, SECRET, next_result, viewer};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn mint(tenant: &Tenant, rights: &[Right]) -> String {
+    TokenKey::new(SECRET.as_bytes())
+        .unwrap()
+        .mint(tenant, "e2e", rights, now_secs(), 3600)
+}
+
+/// The browser script's next report, within `limit`; on anything else, the engine's log is
+/// shown with the failure.
+fn event(rx: &mpsc::Receiver<Value>, name: &str, limit: Duration, engine_log: &Path) -> Value {
+    let v = rx.recv_timeout(limit).ok();
+    if v.as_ref().is_none_or(|v| v["event"] != name) {
+        let log = std::fs::read_to_string(engine_log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("engine log (last lines):");
+        for line in tail.iter().rev() {
+            eprintln!("  {line}");
+        }
+    }
+    let v = v.unwrap_or_else(|| panic!("no {name:?} from the browser within {limit:?}"));
+    assert_eq!(v["event"], name, "the browser reported {v}");
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
+    let web = repo().join("web");
+    assert!(
+        web.join("dist/index.html").is_file() && web.join("node_modules/playwright-core").is_dir(),
+        "the dashboard is not built: run scripts/setup --test"
+    );
+    let cluster = Cluster::start().await;
+    let (acme, globex) = (Tenant::new("acme").unwrap(), Tenant::new("globex").unwrap());
+
+    // The real data, live: 120x event time from now, so results keep coming.
+    let stop_replay = CancellationToken::new();
+    let replay = {
+        let mut config = ReplayConfig::new(
+            Source::File(repo().join("data/msnbc990928.seq.gz")),
+            cluster.broker.bootstrap(),
+            vec![acme.clone(), globex.clone()],
+        );
+        config.speed = Speed::Factor(120.0);
+        config.t0_ms = common::wall_ms();
+        config.progress = ProgressMode::Quiet;
+        let stop = stop_replay.clone();
+        std::thread::spawn(move || clickpulse_replay::run(&config, &stop))
+    };
+    let (gw, _gw_stop) = cluster
+        .gateway_serving("gw-e2e", Some(web.join("dist")))
+        .await;
+    let engine = cluster.engine_process_from("engine-e2e", 2.0, "window");
+    let log = engine.log_path().to_owned();
+
+    // What the engine sends for acme, as a plain WebSocket client receives it.
+    let mut tap = viewer(&gw, &acme, r#""window""#).await;
+    let (sent_tx, sent) = std::sync::mpsc::channel::<Value>();
+    let tap_stop = CancellationToken::new();
+    let tap_task = {
+        let stop = tap_stop.clone();
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Some(r) = next_result(&mut tap, Duration::from_millis(200)).await {
+                    let _ = sent_tx.send(r);
+                }
+            }
+            let _ = tap.close(None).await;
+        })
+    };
+
+    let out_dir = repo().join("target/e2e");
+    let mut browser = Command::new("node")
+        .arg(web.join("e2e/dashboard.e2e.mjs"))
+        .current_dir(&web)
+        .env("CLICKPULSE_E2E_URL", format!("http://{}", gw.http_addr))
+        .env("CLICKPULSE_E2E_ACME", mint(&acme, &[Right::View]))
+        .env("CLICKPULSE_E2E_GLOBEX", mint(&globex, &[Right::View]))
+        .env(
+            "CLICKPULSE_E2E_ADMIN",
+            mint(&acme, &[Right::View, Right::Admin]),
+        )
+        .env("CLICKPULSE_E2E_OUT", &out_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node runs (scripts/setup installs it)");
+    let mut to_browser = browser.stdin.take().unwrap();
+    let (events_tx, events) = mpsc::channel();
+    let stdout = browser.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("browser: {line}");
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                let _ = events_tx.send(v);
+            }
+        }
+    });
+    let mut go = || writeln!(to_browser, "go").and_then(|_| to_browser.flush());
+
+    // 1. acme's charts filled and changed; every number shown is one the engine sent.
+    let shown = event(&events, "acme", Duration::from_secs(150), &log);
+    assert_eq!(shown["tenant"], "acme");
+    assert_eq!(
+        shown["tokenInUrl"], false,
+        "the token stays in the address bar"
+    );
+    assert!(
+        shown["overflow"].as_i64().unwrap() <= 0,
+        "wider than a phone: {shown}"
+    );
+    let samples = shown["samples"].as_array().unwrap();
+    assert!(
+        samples.len() >= 2,
+        "the window total never changed: {shown}"
+    );
+    let sent: Vec<Value> = sent.try_iter().collect();
+    for s in samples {
+        let from_engine = sent
+            .iter()
+            .find(|r| r["epoch"] == s["epoch"] && r["seq"] == s["seq"])
+            .unwrap_or_else(|| panic!("shown {s} was never sent ({} results)", sent.len()));
+        let views: u64 = from_engine["data"]["pages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["views"].as_u64().unwrap())
+            .sum();
+        assert_eq!(s["views"].as_u64(), Some(views), "{s} vs {from_engine}");
+        assert_eq!(s["window_start_ms"], from_engine["window_start_ms"]);
+        assert!(views > 0);
+    }
+    go().unwrap();
+
+    // 2. Each tab only ever received its own tenant's results.
+    let tabs = event(&events, "globex", Duration::from_secs(90), &log);
+    assert_eq!(tabs["tenant"], "globex");
+    assert_eq!(tabs["globexSaw"], "globex");
+    assert_eq!(tabs["acmeSaw"], "acme");
+
+    // 3. The ops view shows both jobs running, owned by the engine.
+    let ops = event(&events, "ops", Duration::from_secs(60), &log);
+    let rows = ops["jobs"].as_array().unwrap();
+    let acme_row = rows.iter().find(|r| r[0] == "acme").expect("an acme row");
+    assert_eq!(acme_row[1], "running");
+    assert_eq!(acme_row[2], "engine-e2e");
+    // The tap is a client of acme too: it leaves before the browser closes its tabs.
+    tap_stop.cancel();
+    tap_task.await.unwrap();
+    go().unwrap();
+
+    // 4. All acme tabs closed: the job stops after the linger; globex's goes on.
+    let stopped = event(&events, "acme-stopped", Duration::from_secs(90), &log);
+    assert!(
+        stopped["after_ms"].as_u64().unwrap() >= 2_000,
+        "stopped before the linger: {stopped}"
+    );
+    assert_eq!(stopped["globexState"], "running");
+    assert_eq!(stopped["problems"], serde_json::json!([]), "page errors");
+    let owners = cluster.owners().await;
+    assert!(!owners.contains_key(&acme), "acme still owned: {owners:?}");
+    assert!(owners.contains_key(&globex), "globex stopped: {owners:?}");
+    assert_eq!(cluster.clients(&acme).await, 0);
+
+    let status = browser.wait().unwrap();
+    assert!(status.success(), "the browser script failed: {status}");
+    for shot in ["dashboard.png", "dashboard-phone.png", "ops.png"] {
+        let len = std::fs::metadata(out_dir.join(shot)).map_or(0, |m| m.len());
+        assert!(len > 10_000, "{shot}: {len} bytes");
+    }
+    stop_replay.cancel();
+    replay.join().unwrap().unwrap();
+}

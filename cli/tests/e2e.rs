@@ -142,12 +142,20 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
         samples.len() >= 2,
         "the window total never changed: {shown}"
     );
-    let sent: Vec<Value> = sent.try_iter().collect();
+    // The tap may receive a result a moment after the browser showed it: wait for it a while.
+    let mut received: Vec<Value> = Vec::new();
     for s in samples {
-        let from_engine = sent
+        let matches = |r: &Value| r["epoch"] == s["epoch"] && r["seq"] == s["seq"];
+        while !received.iter().any(matches) {
+            match sent.recv_timeout(Duration::from_secs(5)) {
+                Ok(r) => received.push(r),
+                Err(_) => break,
+            }
+        }
+        let from_engine = received
             .iter()
-            .find(|r| r["epoch"] == s["epoch"] && r["seq"] == s["seq"])
-            .unwrap_or_else(|| panic!("shown {s} was never sent ({} results)", sent.len()));
+            .find(|r| matches(r))
+            .unwrap_or_else(|| panic!("shown {s} was never sent ({} results)", received.len()));
         let views: u64 = from_engine["data"]["pages"]
             .as_array()
             .unwrap()

@@ -10,8 +10,20 @@ use std::time::{Duration, Instant};
 
 use clickpulse_engine::JobState;
 use clickpulse_protocol::Tenant;
+use clickpulse_protocol::zk::now_ms;
 use clickpulse_tests::{eventually, unique_name};
 use common::*;
+
+/// Whether, within 5 s, some job of `engine` satisfies `wanted`.
+async fn job_reaches(
+    engine: &clickpulse_engine::Engine,
+    wanted: impl Fn(&clickpulse_engine::JobStatus) -> bool,
+) -> bool {
+    eventually(Duration::from_secs(5), || async {
+        engine.status.borrow().iter().any(&wanted)
+    })
+    .await
+}
 
 fn tenant(prefix: &str) -> Tenant {
     Tenant::new(unique_name(prefix)).unwrap()
@@ -42,43 +54,18 @@ async fn first_client_starts_the_job_last_client_stops_it_after_the_linger() {
     assert_eq!(first["epoch"], 1);
     let owner = cluster.owners().await.remove(&acme).unwrap();
     assert_eq!((owner.engine.as_str(), owner.epoch), ("engine-a", 1));
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            engine
-                .status
-                .borrow()
-                .iter()
-                .any(|j| j.state == JobState::Running)
-        })
-        .await
-    );
+    assert!(job_reaches(&engine, |j| j.state == JobState::Running).await);
 
     // Gone and back within the linger: the same job goes on (same epoch, never idle).
     drop(ws);
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            engine
-                .status
-                .borrow()
-                .iter()
-                .any(|j| j.state == JobState::Lingering)
-        })
-        .await,
+        job_reaches(&engine, |j| j.state == JobState::Lingering).await,
         "the job lingers once its last client left"
     );
     let mut ws = viewer(&gw, &acme, r#""totals""#).await;
     let snapshot = next_result(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(snapshot["epoch"], 1);
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            engine
-                .status
-                .borrow()
-                .iter()
-                .any(|j| j.state == JobState::Running && j.epoch == 1)
-        })
-        .await
-    );
+    assert!(job_reaches(&engine, |j| j.state == JobState::Running && j.epoch == 1).await);
     assert_eq!(cluster.owners().await[&acme].epoch, 1, "no restart");
 
     // Last client gone: stopped after the linger, not before; owner node gone.
@@ -169,7 +156,7 @@ async fn jobs_spread_over_two_engines_and_move_to_the_survivor_of_a_kill_9() {
 
     // kill -9 engine-a: the survivor has every job within the session timeout + 2 s.
     let killed_at = Instant::now();
-    let killed_ms = wall_ms();
+    let killed_ms = now_ms();
     a.kill();
     let moved = eventually(SESSION_TIMEOUT + Duration::from_secs(2), || async {
         let o = cluster.owners().await;
@@ -206,7 +193,7 @@ async fn jobs_spread_over_two_engines_and_move_to_the_survivor_of_a_kill_9() {
     assert!(events.iter().filter(|e| e.acquired).count() >= 12);
     let open_until = BTreeMap::from([
         ("engine-a".to_owned(), killed_ms),
-        ("engine-b".to_owned(), wall_ms()),
+        ("engine-b".to_owned(), now_ms()),
     ]);
     for (t, mut intervals) in beliefs(&events, &open_until) {
         intervals.sort_by_key(|i| i.2);

@@ -3,14 +3,12 @@
 //! is parsed by this build of the CLI (`scripts/setup --test` installs docker-compose).
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
 
-use std::path::Path;
+mod common;
+
 use std::process::Command;
 
+use common::repo;
 use serde_norway::Value;
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
-}
 
 fn compose_config(secret: Option<&str>) -> std::process::Output {
     let mut cmd = Command::new("docker-compose");

@@ -7,31 +7,17 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use clickpulse_gateway::auth::{TokenKey, now_secs};
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::zk::Right;
 use clickpulse_replay::{ProgressMode, ReplayConfig, Source, Speed};
-use common::{Cluster, SECRET, next_result, viewer};
+use common::{Cluster, next_result, repo, token, token_with, viewer};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-fn mint(tenant: &Tenant, rights: &[Right]) -> String {
-    TokenKey::new(SECRET.as_bytes())
-        .unwrap()
-        .mint(tenant, "e2e", rights, now_secs(), 3600)
-}
 
 /// The browser script's next report, within `limit`; on anything else, the engine's log is
 /// shown with the failure.
@@ -69,7 +55,7 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
             vec![acme.clone(), globex.clone()],
         );
         config.speed = Speed::Factor(120.0);
-        config.t0_ms = common::wall_ms();
+        config.t0_ms = clickpulse_protocol::zk::now_ms();
         config.progress = ProgressMode::Quiet;
         let stop = stop_replay.clone();
         std::thread::spawn(move || clickpulse_replay::run(&config, &stop))
@@ -101,11 +87,11 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
         .arg(web.join("e2e/dashboard.e2e.mjs"))
         .current_dir(&web)
         .env("CLICKPULSE_E2E_URL", format!("http://{}", gw.http_addr))
-        .env("CLICKPULSE_E2E_ACME", mint(&acme, &[Right::View]))
-        .env("CLICKPULSE_E2E_GLOBEX", mint(&globex, &[Right::View]))
+        .env("CLICKPULSE_E2E_ACME", token(&acme))
+        .env("CLICKPULSE_E2E_GLOBEX", token(&globex))
         .env(
             "CLICKPULSE_E2E_ADMIN",
-            mint(&acme, &[Right::View, Right::Admin]),
+            token_with(&acme, &[Right::View, Right::Admin]),
         )
         .env("CLICKPULSE_E2E_OUT", &out_dir)
         .stdin(Stdio::piped())

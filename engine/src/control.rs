@@ -46,7 +46,7 @@ use clickpulse_cluster::zk;
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession};
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::results::ResultMsg;
-use clickpulse_protocol::zk::{EngineInfo, EpochRecord, Layout, OwnerRecord};
+use clickpulse_protocol::zk::{EngineInfo, EpochRecord, Layout, OwnerRecord, now_ms};
 use clickpulse_protocol::zmq::ResultFrame;
 use futures_util::{StreamExt, stream};
 use serde::Serialize;
@@ -153,12 +153,6 @@ pub struct Engine {
     pub status: watch::Receiver<Vec<JobStatus>>,
     pub links: Arc<LinkStats>,
     pub task: JoinHandle<()>,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Connects to ZooKeeper (bounded retries), registers the engine and starts coordinating.
@@ -615,7 +609,7 @@ impl Coordinator {
             }
             let (clients, gateways) =
                 t.map_or((0, Vec::new()), |t| (t.clients.len(), t.gateways()));
-            self.update_job(&client, &tenant, clients, gateways).await;
+            self.update_job(&tenant, clients, gateways).await;
         }
 
         // Tenants with clients and no job here.
@@ -653,13 +647,7 @@ impl Coordinator {
         self.publish_status();
     }
 
-    async fn update_job(
-        &mut self,
-        client: &zk::Client,
-        tenant: &Tenant,
-        clients: usize,
-        gateways: Vec<String>,
-    ) {
+    async fn update_job(&mut self, tenant: &Tenant, clients: usize, gateways: Vec<String>) {
         let linger = self.config.linger;
         let Some(job) = self.jobs.get_mut(tenant) else {
             return;
@@ -698,10 +686,8 @@ impl Coordinator {
             }
         }
         if next == JobState::Stopping {
-            self.stop_job(tenant, "no clients after the linger").await;
-            if let Err(error) = release_owner(client, &self.config.layout, tenant).await {
-                tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
-            }
+            self.stop_and_release(tenant, "no clients after the linger")
+                .await;
         }
     }
 
@@ -769,6 +755,17 @@ impl Coordinator {
         tracing::info!(%tenant, epoch = job.epoch, from = %job.state, to = "idle", "job state");
     }
 
+    /// Stops a job this engine owns and deletes its owner node at once, so the tenant is free
+    /// for the next claim without waiting for this session to expire.
+    async fn stop_and_release(&mut self, tenant: &Tenant, reason: &str) {
+        self.stop_job(tenant, reason).await;
+        if let Ok(client) = self.session.client()
+            && let Err(error) = release_owner(&client, &self.config.layout, tenant).await
+        {
+            tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
+        }
+    }
+
     /// Stops every job without touching ZooKeeper: this engine may no longer own them.
     async fn fence_all(&mut self, reason: &str) {
         let tenants: Vec<Tenant> = self.jobs.keys().cloned().collect();
@@ -803,12 +800,7 @@ impl Coordinator {
         }
         self.retry
             .insert(exit.tenant.clone(), (Instant::now() + backoff, backoff));
-        self.stop_job(&exit.tenant, "job ended").await;
-        if let Ok(client) = self.session.client()
-            && let Err(error) = release_owner(&client, &self.config.layout, &exit.tenant).await
-        {
-            tracing::warn!(tenant = %exit.tenant, %error, "cannot delete the owner node");
-        }
+        self.stop_and_release(&exit.tenant, "job ended").await;
     }
 
     /// Graceful shutdown: stop every job and delete its owner node at once, so another engine
@@ -816,13 +808,8 @@ impl Coordinator {
     async fn hand_off(mut self) {
         let tenants: Vec<Tenant> = self.jobs.keys().cloned().collect();
         for tenant in &tenants {
-            self.stop_job(tenant, "engine shutting down (hand-off)")
+            self.stop_and_release(tenant, "engine shutting down (hand-off)")
                 .await;
-            if let Ok(client) = self.session.client()
-                && let Err(error) = release_owner(&client, &self.config.layout, tenant).await
-            {
-                tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
-            }
         }
         self.publish_status();
         self.links.close();

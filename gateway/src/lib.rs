@@ -120,7 +120,7 @@ pub async fn start(
                     .clone()
                     .unwrap_or_else(|| zmq_endpoint.clone()),
                 http_addr: http_addr.to_string(),
-                started_at_ms: server::now_ms(),
+                started_at_ms: clickpulse_protocol::zk::now_ms(),
             };
             let payload = serde_json::to_vec(&info).unwrap_or_default();
             session

@@ -460,14 +460,6 @@ fn close(code: CloseCode) -> Message {
     }))
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The result message for a client, built around the engine's JSON without re-parsing it.
 fn result_text(out: &Outgoing) -> Message {
     Message::Text(
@@ -506,7 +498,7 @@ async fn serve_client(
         tenant: tenant.clone(),
         rights: claims.rights.clone(),
         streams: Vec::new(),
-        connected_at_ms: now_ms(),
+        connected_at_ms: clickpulse_protocol::zk::now_ms(),
     };
     let registered = state
         .registry

@@ -154,6 +154,14 @@ pub enum Right {
     Admin,
 }
 
+/// Now on the wall clock, in milliseconds since the Unix epoch: the clock of every `*_ms`
+/// field of these payloads (`started_at_ms`, `connected_at_ms`, `since_ms`).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Payload of `gateways/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayInfo {

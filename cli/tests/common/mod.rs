@@ -199,9 +199,21 @@ pub fn zk_config(zk: &ZooKeeper) -> ZkConfig {
 }
 
 pub fn token(tenant: &Tenant) -> String {
+    token_with(tenant, &[Right::View])
+}
+
+/// A token of `tenant` with `rights`, valid for an hour.
+pub fn token_with(tenant: &Tenant, rights: &[Right]) -> String {
     TokenKey::new(SECRET.as_bytes())
         .unwrap()
-        .mint(tenant, "test", &[Right::View], now_secs(), 3600)
+        .mint(tenant, "test", rights, now_secs(), 3600)
+}
+
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ has a parent")
 }
 
 /// A WebSocket viewer of `tenant` subscribed to `streams` (JSON names, comma-separated).
@@ -288,11 +300,4 @@ pub fn beliefs(
             .push((engine, epoch, from, until));
     }
     out
-}
-
-pub fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }

@@ -39,7 +39,8 @@ use crate::pipeline::{Admission, EngineError, Pipeline};
 pub enum StartFrom {
     /// The first offset of every partition (audits, tests).
     Earliest,
-    /// The first offset at or after this event time in every partition (`offsets_for_times`).
+    /// The first position at or after this event time in every partition, found by the
+    /// records' own event times (see [`Probe`]); windows starting before it are not emitted.
     Time(i64),
     /// One window before the newest event in the topic (aligned to the slide, less the allowed
     /// lateness), so the first window emitted is a full one and comes as soon as the backfill is
@@ -72,6 +73,8 @@ pub enum JobError {
     Engine(#[from] EngineError),
     #[error("the result receiver is gone")]
     ResultsClosed,
+    #[error("the look-up of where to start reading failed: {0}")]
+    Seek(String),
 }
 
 /// What a job did, reported when it stops.
@@ -111,7 +114,7 @@ pub async fn run_job(
             (consumer, assigned)
         })
         .await
-        .map_err(|_| JobError::NoTopic(topic.clone()))?
+        .map_err(|e| JobError::Seek(e.to_string()))?
     };
     let (partitions, from_ms) = assigned?;
     let store = RedbStore::open(&config.history_path).map_err(EngineError::from)?;
@@ -252,7 +255,7 @@ fn assign(
         }
         None
     } else {
-        let probe = Probe::new(brokers, topic)?;
+        let probe = Probe::new(brokers, topic);
         let bounds: Vec<(i32, i64, i64)> = partitions
             .iter()
             .map(|&p| {
@@ -319,10 +322,14 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A position is only ever one a consumer really lands on: Kafka serves a fetch from any
 /// offset, but some brokers (tansu 0.6) only from the start of a stored batch, and answer
 /// nothing for an offset inside the last one. A look-up without an answer within
-/// [`PROBE_WAIT`] counts as "nothing there" and the search keeps to positions that answered.
+/// the look-up wait counts as "nothing there" and the search keeps to positions that answered.
+/// That wait adapts to how long answers take (a loaded machine or broker answers slowly, and a
+/// slow answer must not pass for "nothing there"): at least [`PROBE_WAIT`], three times the
+/// slowest answer seen so far, at most [`LOOKUP_TIMEOUT`].
 struct Probe {
     brokers: String,
     topic: String,
+    wait: std::cell::Cell<Duration>,
 }
 
 /// A look-up's consumer. Dropped, it stops fetching, throws away what it fetched, and is
@@ -365,7 +372,7 @@ impl Drop for ProbeConsumer {
 /// end-of-partition comes (the topic is being written).
 const CHASE_LIMIT: Duration = Duration::from_secs(3);
 
-/// How long one look-up waits for its record.
+/// How long one look-up waits for its record at least (see [`Probe`]).
 const PROBE_WAIT: Duration = Duration::from_millis(500);
 
 /// What a consumer assigned at an offset finds first.
@@ -373,7 +380,7 @@ const PROBE_WAIT: Duration = Duration::from_millis(500);
 enum Landing {
     /// The first record it gets: its offset (at or after the asked one) and event time.
     Record { offset: i64, time: i64 },
-    /// The partition ends there, or nothing came within [`PROBE_WAIT`].
+    /// The partition ends there, or nothing came within the look-up wait.
     Nothing,
 }
 
@@ -390,7 +397,7 @@ struct Range {
     hi_landing: Option<i64>,
     /// The last landing position before the time.
     lo_landing: Option<i64>,
-    /// Look-ups that found nothing (each costs [`PROBE_WAIT`]).
+    /// Look-ups that found nothing (each costs the look-up wait).
     nothings: u32,
     round: u32,
 }
@@ -423,11 +430,12 @@ fn event_time(m: &rdkafka::message::BorrowedMessage<'_>) -> i64 {
 }
 
 impl Probe {
-    fn new(brokers: &str, topic: &str) -> Result<Self, KafkaError> {
-        Ok(Probe {
+    fn new(brokers: &str, topic: &str) -> Self {
+        Probe {
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),
-        })
+            wait: std::cell::Cell::new(PROBE_WAIT),
+        }
     }
 
     /// A consumer of one partition from `offset`.
@@ -448,8 +456,9 @@ impl Probe {
         Ok(ProbeConsumer(Some(consumer)))
     }
 
-    /// Where consumers assigned at these offsets land, all looked up at once.
-    fn land(&self, wanted: &[(i32, i64)]) -> Result<Vec<Landing>, JobError> {
+    /// Where consumers assigned at these offsets land, all looked up at once, each waiting up
+    /// to `wait` for an answer.
+    fn land_within(&self, wanted: &[(i32, i64)], wait: Duration) -> Result<Vec<Landing>, JobError> {
         let mut open = wanted
             .iter()
             .enumerate()
@@ -457,7 +466,8 @@ impl Probe {
             .collect::<Result<Vec<_>, KafkaError>>()?;
         let mut out = vec![Landing::Nothing; wanted.len()];
         let started = std::time::Instant::now();
-        while !open.is_empty() && started.elapsed() < PROBE_WAIT {
+        let mut slowest = None;
+        while !open.is_empty() && started.elapsed() < wait {
             let mut i = 0;
             while i < open.len() {
                 let (slot, offset, consumer) = &open[i];
@@ -472,6 +482,7 @@ impl Probe {
                 };
                 if let Some(landing) = landing {
                     out[*slot] = landing;
+                    slowest = Some(started.elapsed());
                     open.swap_remove(i);
                 } else {
                     i += 1;
@@ -479,7 +490,16 @@ impl Probe {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if let Some(slowest) = slowest {
+            let wait = (slowest * 3).clamp(PROBE_WAIT, LOOKUP_TIMEOUT);
+            self.wait.set(self.wait.get().max(wait));
+        }
         Ok(out)
+    }
+
+    /// [`Self::land_within`] the current look-up wait.
+    fn land(&self, wanted: &[(i32, i64)]) -> Result<Vec<Landing>, JobError> {
+        self.land_within(wanted, self.wait.get())
     }
 
     /// The newest event time of each partition, and its true end: finds a position near the
@@ -511,18 +531,55 @@ impl Probe {
                 *start = (*start).max(offset);
             }
         }
+        // A partition with records where nothing answered was slow, not empty (its first
+        // offset always answers): ask there again, patiently. Taking it for empty would start
+        // the job from the wrong place.
+        let silent: Vec<(i32, i64)> = bounds
+            .iter()
+            .filter(|&&(p, low, high)| high > low && !starts.contains_key(&p))
+            .map(|&(p, low, _)| (p, low))
+            .collect();
+        if !silent.is_empty() {
+            tracing::debug!(?silent, "partitions slow to answer; asking again");
+            for (&(p, low), landing) in silent
+                .iter()
+                .zip(self.land_within(&silent, LOOKUP_TIMEOUT)?)
+            {
+                match landing {
+                    Landing::Record { offset, .. } => {
+                        starts.insert(p, offset);
+                    }
+                    Landing::Nothing => {
+                        return Err(JobError::Seek(format!(
+                            "partition {p} of {} has records from offset {low} but answered no fetch within {LOOKUP_TIMEOUT:?}",
+                            self.topic
+                        )));
+                    }
+                }
+            }
+        }
         // Read each partition from there to its end (tansu's reported end can be stale). A
-        // topic being written has no end to reach: after CHASE_LIMIT, what was read is it.
+        // topic being written has no end to reach: after CHASE_LIMIT, what was read is it --
+        // but at least one record of each partition (it answered before: it will again).
         let mut readers = starts
             .iter()
             .map(|(&p, &offset)| Ok((p, self.open(p, offset)?)))
             .collect::<Result<Vec<_>, KafkaError>>()?;
         let mut ends: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
         let mut newest: HashMap<i32, i64> = HashMap::new();
-        let deadline = std::time::Instant::now() + CHASE_LIMIT;
+        let started = std::time::Instant::now();
         while !readers.is_empty() {
-            if std::time::Instant::now() >= deadline {
-                break;
+            let elapsed = started.elapsed();
+            if elapsed >= CHASE_LIMIT {
+                readers.retain(|(p, _)| !newest.contains_key(p));
+                if let Some((p, _)) = readers.first()
+                    && elapsed >= LOOKUP_TIMEOUT
+                {
+                    return Err(JobError::Seek(format!(
+                        "partition {p} of {} answered once, then sent nothing for {LOOKUP_TIMEOUT:?}",
+                        self.topic
+                    )));
+                }
             }
             let mut i = 0;
             let mut idle = true;
@@ -563,20 +620,17 @@ impl Probe {
         newest: &HashMap<i32, i64>,
         time: i64,
     ) -> Result<Vec<(i32, i64)>, JobError> {
-        search(bounds, newest, time, |probes| {
-            let landed = self.land(probes)?;
-            Ok(probes.iter().map(|&(p, _)| p).zip(landed).collect())
-        })
+        search(bounds, newest, time, |probes| self.land(probes))
     }
 }
 
 /// The search of [`Probe::first_at_or_after`], over any way of landing (`land` answers where
-/// consumers assigned at offsets land).
+/// consumers assigned at offsets land, one answer per probe, in order).
 fn search(
     bounds: &[(i32, i64, i64)],
     newest: &HashMap<i32, i64>,
     time: i64,
-    mut land: impl FnMut(&[(i32, i64)]) -> Result<HashMap<i32, Landing>, JobError>,
+    mut land: impl FnMut(&[(i32, i64)]) -> Result<Vec<Landing>, JobError>,
 ) -> Result<Vec<(i32, i64)>, JobError> {
     let mut ranges: Vec<Range> = bounds
         .iter()
@@ -594,14 +648,14 @@ fn search(
         .collect();
     // About log2(n) rounds (fewer with interpolation); bounded for safety.
     for _ in 0..96 {
-        let probes: Vec<(i32, i64)> = ranges
-            .iter()
-            .filter(|r| !r.done())
-            .map(|r| (r.partition, r.next_probe(time)))
-            .collect();
-        if probes.is_empty() {
+        let mut pending: Vec<&mut Range> = ranges.iter_mut().filter(|r| !r.done()).collect();
+        if pending.is_empty() {
             break;
         }
+        let probes: Vec<(i32, i64)> = pending
+            .iter()
+            .map(|r| (r.partition, r.next_probe(time)))
+            .collect();
         let round_started = std::time::Instant::now();
         let landed = land(&probes)?;
         tracing::debug!(
@@ -610,13 +664,11 @@ fn search(
             ms = round_started.elapsed().as_millis() as u64,
             "search round"
         );
-        for r in ranges.iter_mut().filter(|r| !r.done()) {
-            let probe = r.next_probe(time);
-            match landed
-                .get(&r.partition)
-                .copied()
-                .unwrap_or(Landing::Nothing)
-            {
+        let answers = landed
+            .into_iter()
+            .chain(std::iter::repeat(Landing::Nothing));
+        for ((r, &(_, probe)), landing) in pending.iter_mut().zip(&probes).zip(answers) {
+            match landing {
                 // Seeking to the probe lands on this record: at or after the time.
                 Landing::Record { offset, time: t } if t >= time => {
                     (r.hi, r.hi_time, r.hi_landing) = (probe, Some(t), Some(offset));
@@ -675,17 +727,16 @@ mod tests {
             lookups += 1;
             Ok(probes
                 .iter()
-                .map(|&(p, offset)| {
+                .map(|&(_, offset)| {
                     let start = (offset + batch - 1) / batch * batch;
-                    let landing = if start < n {
+                    if start < n {
                         Landing::Record {
                             offset: start,
                             time: 10 * start,
                         }
                     } else {
                         Landing::Nothing
-                    };
-                    (p, landing)
+                    }
                 })
                 .collect())
         })

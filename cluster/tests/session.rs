@@ -209,3 +209,70 @@ async fn a_node_held_by_another_session_is_not_taken_over() {
     first.close().await;
     second.close().await;
 }
+
+#[tokio::test]
+async fn concurrent_registrations_are_batched_and_each_gets_its_own_answer() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let other = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    // Already there: one of this session's nodes (updated), one of another session's
+    // (refused), and parents missing for a whole tenant (created on the way).
+    let mine = format!("{root}/tenants/acme/clients/gw-1.c-mine");
+    let theirs = format!("{root}/tenants/acme/clients/gw-2.c-theirs");
+    session.register(&mine, b"old".to_vec()).await.unwrap();
+    other.register(&theirs, b"other".to_vec()).await.unwrap();
+    let mut paths: Vec<String> = (0..600)
+        .map(|i| {
+            let tenant = ["acme", "globex", "initech"][i % 3];
+            format!("{root}/tenants/{tenant}/clients/gw-1.c-{i}")
+        })
+        .collect();
+    paths.push(mine.clone());
+    paths.push(theirs.clone());
+    let results = futures_util::future::join_all(
+        paths
+            .iter()
+            .map(|path| session.register(path, path.as_bytes().to_vec())),
+    )
+    .await;
+    let look = observer(&zk).await;
+    for (path, result) in paths.iter().zip(&results) {
+        if *path == theirs {
+            assert!(
+                matches!(result, Err(ZkError::Taken { owner, .. }) if *owner == other.session_id().unwrap()),
+                "{result:?}"
+            );
+            assert_eq!(look.get_data(path).await.unwrap().0, b"other");
+        } else {
+            assert!(result.is_ok(), "{path}: {result:?}");
+            let (data, stat) = look.get_data(path).await.unwrap();
+            assert_eq!(data, path.as_bytes());
+            assert_eq!(stat.ephemeral_owner, session.session_id().unwrap());
+        }
+    }
+    assert_eq!(session.owned().len(), 601, "every node it holds, once");
+
+    // Updates at the same time are batched too; one of them finds its node gone and
+    // creates it again.
+    look.delete(&paths[0], None).await.unwrap();
+    let updated = futures_util::future::join_all(
+        paths[..600]
+            .iter()
+            .map(|path| session.update(path, format!("{path}!").into_bytes())),
+    )
+    .await;
+    for (path, result) in paths.iter().zip(&updated) {
+        assert!(result.is_ok(), "{path}: {result:?}");
+        assert_eq!(
+            look.get_data(path).await.unwrap().0,
+            format!("{path}!").as_bytes()
+        );
+    }
+    session.close().await;
+    other.close().await;
+}

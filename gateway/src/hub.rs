@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use axum::extract::ws::Utf8Bytes;
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::zmq::ResultFrame;
@@ -36,8 +37,26 @@ pub enum Published {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub stream: Stream,
+    /// The engine's result JSON.
     pub json: Arc<str>,
     pub snapshot: bool,
+    /// The WebSocket text sent for it (`ServerMsg::Result` around `json`), rendered once and
+    /// shared by every client it goes to.
+    pub text: Utf8Bytes,
+}
+
+impl Outgoing {
+    pub fn new(stream: Stream, json: Arc<str>, snapshot: bool) -> Self {
+        // Built around the engine's JSON without re-parsing it; the protocol crate's
+        // documented form of `ServerMsg::Result`.
+        let text = format!(r#"{{"type":"result","snapshot":{snapshot},"result":{json}}}"#).into();
+        Outgoing {
+            stream,
+            json,
+            snapshot,
+            text,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -83,13 +102,14 @@ impl Mailbox {
         if s.pending.is_empty() {
             s.backlog_since = Some(Instant::now());
         }
-        let replaced = match s.pending.insert(msg.stream, msg.clone()) {
+        let stream = msg.stream;
+        let replaced = match s.pending.insert(stream, msg) {
             Some(_) => {
                 self.conflated.fetch_add(1, Ordering::Relaxed);
                 true
             }
             None => {
-                s.order.push_back(msg.stream);
+                s.order.push_back(stream);
                 false
             }
         };
@@ -244,13 +264,10 @@ impl Hub {
         let json: Arc<str> = String::from_utf8_lossy(&frame.json).into();
         t.latest.insert(frame.stream, json.clone());
         let mut delivered = 0;
+        let live = Outgoing::new(frame.stream, json.clone(), false);
         for sub in t.subscribers.values() {
             if sub.streams.contains(&frame.stream) {
-                let replaced = sub.mailbox.offer(Outgoing {
-                    stream: frame.stream,
-                    json: json.clone(),
-                    snapshot: false,
-                });
+                let replaced = sub.mailbox.offer(live.clone());
                 if replaced {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
                 }
@@ -280,11 +297,7 @@ impl Hub {
                 sub.streams.push(stream);
             }
             if let Some(json) = t.latest.get(&stream) {
-                mailbox.offer(Outgoing {
-                    stream,
-                    json: json.clone(),
-                    snapshot: true,
-                });
+                mailbox.offer(Outgoing::new(stream, json.clone(), true));
             }
         }
     }
@@ -389,15 +402,38 @@ mod tests {
     }
 
     #[test]
+    fn the_rendered_text_is_the_protocols_result_message() {
+        use clickpulse_protocol::results::{ResultBody, ResultMsg};
+        use clickpulse_protocol::ws::ServerMsg;
+        let result = ResultMsg {
+            tenant: Tenant::new("acme").unwrap(),
+            epoch: 3,
+            seq: 9,
+            window_start_ms: 0,
+            window_end_ms: 1_000,
+            watermark_ms: 1_000,
+            body: ResultBody::PageViews { pages: vec![] },
+        };
+        let json: Arc<str> = serde_json::to_string(&result).unwrap().into();
+        for snapshot in [true, false] {
+            let out = Outgoing::new(Stream::PageViews, json.clone(), snapshot);
+            let parsed: ServerMsg = serde_json::from_str(&out.text).unwrap();
+            assert_eq!(
+                parsed,
+                ServerMsg::Result {
+                    snapshot,
+                    result: result.clone()
+                }
+            );
+        }
+    }
+
+    #[test]
     fn a_slow_mailbox_conflates_to_the_newest_value_per_stream() {
         let mailbox = Mailbox::new();
         for i in 0..1000 {
             for stream in [Stream::TopN, Stream::Window] {
-                mailbox.offer(Outgoing {
-                    stream,
-                    json: format!("{i}").into(),
-                    snapshot: false,
-                });
+                mailbox.offer(Outgoing::new(stream, format!("{i}").into(), false));
             }
         }
         assert!(mailbox.backlog_age().is_some());
@@ -414,11 +450,7 @@ mod tests {
     fn a_rate_cap_holds_a_stream_back_and_lets_others_through() {
         let mailbox = Mailbox::new();
         mailbox.set_min_interval(Some(Duration::from_secs(3600)));
-        let msg = |stream, json: &str| Outgoing {
-            stream,
-            json: json.into(),
-            snapshot: false,
-        };
+        let msg = |stream, json: &str| Outgoing::new(stream, json.into(), false);
         mailbox.offer(msg(Stream::TopN, "1"));
         assert_eq!(mailbox.take().map(|m| m.json), Some("1".into()));
         mailbox.offer(msg(Stream::TopN, "2"));

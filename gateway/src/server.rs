@@ -22,8 +22,11 @@ use crate::auth::{AuthError, TokenKey};
 use clickpulse_cluster::{ClusterView, ZkError, ZkSession};
 use clickpulse_protocol::zk::{ClientRegistration, Layout};
 
-use crate::hub::{Hub, Mailbox, Outgoing};
+use crate::hub::{Hub, Mailbox};
 use crate::ingress::IngressStats;
+
+/// Initial read buffer of a client's WebSocket.
+const READ_BUFFER_BYTES: usize = 512;
 
 /// Limits of one gateway.
 #[derive(Debug, Clone)]
@@ -253,10 +256,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Writes (or rewrites) a client's registration.
+    /// Writes a new client's registration (batched with others arriving at the same time).
     async fn register(&self, path: &str, reg: &ClientRegistration) -> Result<(), ZkError> {
         let payload = serde_json::to_vec(reg).unwrap_or_default();
         self.session.register(path, payload).await
+    }
+
+    /// Rewrites a registered client's registration (its streams changed).
+    async fn update(&self, path: &str, reg: &ClientRegistration) -> Result<(), ZkError> {
+        let payload = serde_json::to_vec(reg).unwrap_or_default();
+        self.session.update(path, payload).await
     }
 }
 
@@ -444,7 +453,12 @@ async fn ws_handler(
         ws
     };
     let client = state.next_client.fetch_add(1, Ordering::Relaxed);
-    ws.max_message_size(state.limits.max_frame_bytes)
+    // tungstenite's default read buffer (128 KiB) is zero-filled on the first read: resident
+    // memory per idle client. Clients send a few small messages; larger frames (up to the
+    // limit) still get room for their full length when they come.
+    ws.read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(state.limits.max_frame_bytes)
         .max_frame_size(state.limits.max_frame_bytes)
         .on_upgrade(move |socket| serve_client(socket, state, claims, client, peer))
 }
@@ -458,17 +472,6 @@ fn close(code: CloseCode) -> Message {
         code: code.code(),
         reason: code.reason().into(),
     }))
-}
-
-/// The result message for a client, built around the engine's JSON without re-parsing it.
-fn result_text(out: &Outgoing) -> Message {
-    Message::Text(
-        format!(
-            r#"{{"type":"result","snapshot":{},"result":{}}}"#,
-            out.snapshot, out.json
-        )
-        .into(),
-    )
 }
 
 async fn serve_client(
@@ -527,10 +530,12 @@ async fn serve_client(
         streams: Stream::ALL.to_vec(),
     };
     let mailbox = Mailbox::new();
-    let mut slow_check = tokio::time::interval(Duration::from_millis(250));
+    // No per-client polling: an idle client costs a ping timer and an idle deadline, both
+    // far apart (thousands of quiet clients must not wake the gateway up many times a second).
     let mut ping = tokio::time::interval(state.limits.ping_interval);
     ping.tick().await;
-    let mut last_heard = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(state.limits.idle_timeout);
+    tokio::pin!(idle);
     let end = if socket.send(text(&welcome)).await.is_err() {
         None
     } else {
@@ -541,16 +546,20 @@ async fn serve_client(
                     let Some(out) = out else { break None };
                     // A client that stops reading fills its TCP buffers and blocks the send:
                     // bounded, or the slow-client check below would never run.
-                    match tokio::time::timeout(state.limits.slow_client_timeout, socket.send(result_text(&out))).await {
+                    match tokio::time::timeout(state.limits.slow_client_timeout, socket.send(Message::Text(out.text))).await {
                         Ok(Ok(())) => {
                             state.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                            // Sends that each get through but too slowly to ever catch up.
+                            if mailbox.backlog_age().is_some_and(|age| age > state.limits.slow_client_timeout) {
+                                break Some(CloseCode::SlowConsumer);
+                            }
                         }
                         Ok(Err(_)) => break None,
                         Err(_) => break Some(CloseCode::SlowConsumer),
                     }
                 }
                 incoming = socket.recv() => {
-                    last_heard = tokio::time::Instant::now();
+                    idle.as_mut().reset(tokio::time::Instant::now() + state.limits.idle_timeout);
                     match incoming {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Err(e)) => {
@@ -561,6 +570,7 @@ async fn serve_client(
                     }
                     Some(Ok(Message::Text(t))) => {
                         state.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                        let streams_before = registration.streams.clone();
                         let reply = match serde_json::from_str::<ClientMsg>(t.as_str()) {
                             Ok(ClientMsg::Subscribe { streams, max_rate_hz }) => {
                                 if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
@@ -593,8 +603,11 @@ async fn serve_client(
                         {
                             break None;
                         }
+                        // ZooKeeper is written only when the streams changed: a client sending
+                        // messages in a loop must not turn each into a write.
                         if let Some((registry, path)) = &registered
-                            && let Err(error) = registry.register(path, &registration).await
+                            && registration.streams != streams_before
+                            && let Err(error) = registry.update(path, &registration).await
                         {
                             tracing::warn!(%tenant, client = %client_id, %error, "registration update failed");
                         }
@@ -608,14 +621,7 @@ async fn serve_client(
                     Some(Ok(_)) => {} // pings are answered by the library; pongs only count as heard
                     }
                 }
-                _ = slow_check.tick() => {
-                    if mailbox.backlog_age().is_some_and(|age| age > state.limits.slow_client_timeout) {
-                        break Some(CloseCode::SlowConsumer);
-                    }
-                    if last_heard.elapsed() > state.limits.idle_timeout {
-                        break Some(CloseCode::IdleTimeout);
-                    }
-                }
+                () = &mut idle => break Some(CloseCode::IdleTimeout),
                 _ = ping.tick() => {
                     if socket.send(Message::Ping(Default::default())).await.is_err() {
                         break None;

@@ -1,0 +1,676 @@
+//! `scripts/bench gateway`: the gateway under many WebSocket clients, against a peer.
+//!
+//! This process is the load generator: the gateway (`clickpulse gateway`, registering every
+//! client in a private ZooKeeper) and the peer (a plain Node.js `ws` broadcast server, no auth,
+//! `cli/benches/peer/peer.mjs`) run as processes of their own, and the same load goes to each in
+//! turn over loopback:
+//!
+//! - connects: `CLIENTS` connections, 256 opening at a time; one counts when it is usable — for
+//!   the gateway when its welcome arrives (token checked, client registered in ZooKeeper), for
+//!   the peer when the handshake completes;
+//! - idle memory: the server's RSS growth (`/proc/PID/status`) with all of them connected and
+//!   quiet, divided by their number;
+//! - fan-out: every client subscribes (the gateway's `topn` stream), then `UPDATES` results go
+//!   in at `RATE` per second (to the gateway over ZeroMQ, as an engine sends them; to the peer
+//!   over a publisher WebSocket) and each client's receive time is taken against the send time.
+//!   The peer gets the very text the gateway sends its clients, so each delivery is the same
+//!   size on both.
+//!
+//! Last line, one JSON object: `{"idle_connections", "rss_bytes_per_connection",
+//! "fanout_clients", "updates_per_sec", "delivery_ms_p50", "delivery_ms_p99",
+//! "connects_per_sec", "peer_rss_bytes_per_connection", "peer_delivery_ms_p99",
+//! "peer_connects_per_sec"}`; `updates_per_sec` counts deliveries to clients per second during
+//! the fan-out. `CLICKPULSE_BENCH_CLIENTS` lowers the client count (the default, 10,000, needs
+//! an open-file limit above it).
+#![allow(clippy::unwrap_used)] // a benchmark that cannot run should stop loudly
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use clickpulse_gateway::auth::{TokenKey, now_secs};
+use clickpulse_protocol::Tenant;
+use clickpulse_protocol::results::{PageCount, ResultBody, ResultMsg};
+use clickpulse_protocol::zk::Right;
+use clickpulse_protocol::zmq::ResultFrame;
+use clickpulse_tests::process::{Daemon, free_port};
+use clickpulse_tests::{ZkOptions, ZooKeeper, unique_name};
+use futures_util::{StreamExt, stream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
+
+const CLIENTS: usize = 10_000;
+const CONNECTING_AT_ONCE: usize = 256;
+const UPDATES: u64 = 40;
+const RATE: f64 = 10.0;
+const SECRET: &str = "a bench secret of at least 32 bytes!";
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+/// What one server measured.
+#[derive(Debug)]
+struct Figures {
+    connects_per_sec: f64,
+    rss_bytes_per_connection: f64,
+    deliveries_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// How the load reaches a server.
+enum Server {
+    Gateway {
+        addr: SocketAddr,
+        zmq: String,
+        token: String,
+    },
+    Peer {
+        addr: SocketAddr,
+    },
+}
+
+impl Server {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Server::Gateway { addr, .. } | Server::Peer { addr } => *addr,
+        }
+    }
+}
+
+/// A minimal WebSocket client: the load generator must cost as little as it can, so that
+/// what is measured is the server (a full client library per connection was measured to be
+/// the bottleneck at 100,000 deliveries per second). Server frames are unmasked and, here,
+/// never fragmented; pings are answered.
+struct Ws {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    /// Unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+/// What the next frame of a [`Ws`] was.
+enum Frame {
+    /// A text frame, at `buf[range]`.
+    Text(std::ops::Range<usize>),
+    Closed,
+}
+
+impl Ws {
+    async fn connect(addr: SocketAddr, path: &str) -> std::io::Result<Ws> {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut ws = Ws {
+            stream,
+            buf: vec![0; 4096],
+            start: 0,
+            end: 0,
+        };
+        loop {
+            if let Some(at) = ws.buf[..ws.end].windows(4).position(|w| w == b"\r\n\r\n") {
+                if !ws.buf.starts_with(b"HTTP/1.1 101") {
+                    let head = String::from_utf8_lossy(&ws.buf[..at]).into_owned();
+                    return Err(std::io::Error::other(format!("no upgrade: {head}")));
+                }
+                ws.start = at + 4;
+                return Ok(ws);
+            }
+            ws.fill().await?;
+        }
+    }
+
+    /// Reads more bytes, compacting or growing the buffer first.
+    async fn fill(&mut self) -> std::io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// The next text frame (pings answered on the way).
+    async fn next(&mut self) -> std::io::Result<Frame> {
+        loop {
+            let avail = &self.buf[self.start..self.end];
+            if avail.len() >= 2 {
+                let opcode = avail[0] & 0x0f;
+                let (len, header) = match avail[1] & 0x7f {
+                    126 if avail.len() >= 4 => {
+                        (usize::from(u16::from_be_bytes([avail[2], avail[3]])), 4)
+                    }
+                    127 if avail.len() >= 10 => {
+                        let mut be = [0u8; 8];
+                        be.copy_from_slice(&avail[2..10]);
+                        (
+                            usize::try_from(u64::from_be_bytes(be)).unwrap_or(usize::MAX),
+                            10,
+                        )
+                    }
+                    126 | 127 => (0, 0), // the extended length is not all here yet
+                    short => (usize::from(short), 2),
+                };
+                if header > 0 && avail.len() - header >= len {
+                    let payload = self.start + header..self.start + header + len;
+                    self.start = payload.end;
+                    match opcode {
+                        0x1 => return Ok(Frame::Text(payload)),
+                        0x8 => return Ok(Frame::Closed),
+                        0x9 => {
+                            let data = self.buf[payload].to_vec();
+                            self.send(0xA, &data).await?;
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Sends a masked frame (clients must mask; the key's value does not matter here).
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        let mask = [0x5a, 0x17, 0xc3, 0x8e];
+        let mut frame = Vec::with_capacity(payload.len() + 14);
+        frame.push(0x80 | opcode);
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await
+    }
+
+    fn text(&self, range: &std::ops::Range<usize>) -> &[u8] {
+        &self.buf[range.clone()]
+    }
+}
+
+async fn bench() {
+    let clients = clients();
+    let dir = tempfile::tempdir().unwrap();
+
+    let gateway = {
+        let zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
+        let (http, zmq) = (free_port().unwrap(), free_port().unwrap());
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
+        command
+            .args(["gateway", "--id", "gw-bench", "--listen"])
+            .arg(format!("127.0.0.1:{http}"))
+            .arg("--zmq-bind")
+            .arg(format!("tcp://127.0.0.1:{zmq}"))
+            .args(["--zookeeper", zk.connect_string(), "--zk-root"])
+            .arg(format!("/{}", unique_name("bench")))
+            .args(["--secret", SECRET])
+            .env("RUST_LOG", "warn");
+        let mut daemon =
+            Daemon::spawn("gateway", command, &dir.path().join("gateway.log")).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+        daemon
+            .wait_ready(Duration::from_secs(30), || ready(&addr))
+            .unwrap();
+        let tenant = Tenant::new("acme").unwrap();
+        let token = TokenKey::new(SECRET.as_bytes()).unwrap().mint(
+            &tenant,
+            "bench",
+            &[Right::View],
+            now_secs(),
+            3_600,
+        );
+        let server = Server::Gateway {
+            addr,
+            zmq: format!("tcp://127.0.0.1:{zmq}"),
+            token,
+        };
+        let figures = measure("gateway", &server, daemon.pid(), clients).await;
+        drop(daemon);
+        drop(zk);
+        figures
+    };
+
+    let peer = {
+        let (mut child, port) = start_peer();
+        let server = Server::Peer {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let figures = measure("peer", &server, child.id(), clients).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        figures
+    };
+
+    eprintln!("gateway: {gateway:?}");
+    eprintln!("peer:    {peer:?}");
+    println!(
+        "{}",
+        serde_json::json!({
+            "idle_connections": clients,
+            "rss_bytes_per_connection": gateway.rss_bytes_per_connection.round(),
+            "fanout_clients": clients,
+            "updates_per_sec": gateway.deliveries_per_sec.round(),
+            "delivery_ms_p50": round1(gateway.p50_ms),
+            "delivery_ms_p99": round1(gateway.p99_ms),
+            "connects_per_sec": gateway.connects_per_sec.round(),
+            "peer_rss_bytes_per_connection": peer.rss_bytes_per_connection.round(),
+            "peer_delivery_ms_p99": round1(peer.p99_ms),
+            "peer_connects_per_sec": peer.connects_per_sec.round(),
+        })
+    );
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The client count: `CLICKPULSE_BENCH_CLIENTS` or 10,000, lowered to what the open-file limit
+/// allows (each client is a socket here and one in the server).
+fn clients() -> usize {
+    let wanted = std::env::var("CLICKPULSE_BENCH_CLIENTS")
+        .ok()
+        .map(|v| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| {
+                    panic!("CLICKPULSE_BENCH_CLIENTS must be a positive count, not {v:?}")
+                })
+        })
+        .unwrap_or(CLIENTS);
+    let limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    let allowed = limit.saturating_sub(200);
+    if wanted > allowed {
+        eprintln!(
+            "open-file limit {limit}: {allowed} clients instead of {wanted} (raise it with `ulimit -n`)"
+        );
+    }
+    wanted.min(allowed)
+}
+
+/// `GET /readyz` answers 200: ZooKeeper session and ZeroMQ socket up.
+fn ready(addr: &SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+}
+
+/// Starts the Node.js peer (installing its one package first when needed); returns it and its
+/// port.
+fn start_peer() -> (std::process::Child, u16) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peer");
+    if !dir.join("node_modules/ws").exists() {
+        eprintln!("bench: installing the peer's npm package (ws)");
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm, to install the peer (scripts/setup installs Node.js)");
+        assert!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    let mut child = Command::new("node")
+        .arg(dir.join("peer.mjs"))
+        .arg(free_port().unwrap().to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("node, to run the peer");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let started: serde_json::Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("the peer printed {line:?}, not its port: {e}"));
+    (child, started["port"].as_u64().unwrap() as u16)
+}
+
+/// Resident set size of a process, bytes.
+fn rss(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// CPU time a process has used, seconds (user + system; Linux counts it in 1/100 s).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The result the gateway gets as update `seq`, and the text it sends its clients for it.
+fn update(seq: u64) -> (ResultMsg, String) {
+    let msg = ResultMsg {
+        tenant: Tenant::new("acme").unwrap(),
+        epoch: 1,
+        seq,
+        window_start_ms: 938_563_200_000 + seq as i64 * 10_000,
+        window_end_ms: 938_563_500_000 + seq as i64 * 10_000,
+        watermark_ms: 938_563_500_000 + seq as i64 * 10_000,
+        body: ResultBody::TopN {
+            n: 10,
+            pages: [
+                "frontpage",
+                "news",
+                "tech",
+                "local",
+                "opinion",
+                "on-air",
+                "misc",
+                "weather",
+                "msn-news",
+                "health",
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, page)| PageCount {
+                page: (*page).into(),
+                views: 10_000 - i as u64 * 700 + seq,
+            })
+            .collect(),
+        },
+    };
+    let text = format!(
+        r#"{{"type":"result","snapshot":false,"result":{}}}"#,
+        serde_json::to_string(&msg).unwrap()
+    );
+    (msg, text)
+}
+
+/// The `seq` of a result text, without parsing all of it (the same work for both servers).
+fn seq_of(text: &[u8]) -> Option<u64> {
+    let key = br#""seq":"#;
+    let at = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[at..].iter().take_while(|b| b.is_ascii_digit());
+    digits
+        .map(|&b| u64::from(b - b'0'))
+        .try_fold(None, |acc: Option<u64>, d| {
+            Some(Some(acc.unwrap_or(0).checked_mul(10)?.checked_add(d)?))
+        })
+        .flatten()
+}
+
+/// Opens one client; for the gateway, until its welcome, then subscribes.
+async fn open(server: &Server) -> Result<Ws, String> {
+    let path = match server {
+        Server::Gateway { token, .. } => format!("/ws?token={token}"),
+        Server::Peer { .. } => "/".to_owned(),
+    };
+    let mut ws = Ws::connect(server.addr(), &path)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Server::Gateway { .. } = server {
+        loop {
+            match ws.next().await.map_err(|e| e.to_string())? {
+                Frame::Text(range) if ws.text(&range).starts_with(br#"{"type":"welcome""#) => break,
+                Frame::Text(_) => {}
+                Frame::Closed => return Err("closed before the welcome".into()),
+            }
+        }
+        ws.send(0x1, br#"{"type":"subscribe","streams":["topn"]}"#)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ws)
+}
+
+/// Shared between the publisher and the clients of one fan-out.
+struct Fanout {
+    base: Instant,
+    /// Send time of each update, ns after `base` (0: not sent yet).
+    sent_ns: Vec<AtomicU64>,
+    /// Clients that received anything (the warm-up).
+    warmed: AtomicUsize,
+    /// Latest receive time, ns after `base`.
+    last_ns: AtomicU64,
+    stop: CancellationToken,
+}
+
+/// Reads one client's messages until the last update or `stop`; returns its delivery times
+/// (µs) of the measured updates.
+async fn client(mut ws: Ws, fanout: Arc<Fanout>) -> Vec<u32> {
+    let mut latencies = Vec::with_capacity(UPDATES as usize);
+    let mut warmed = false;
+    loop {
+        let frame = tokio::select! {
+            _ = fanout.stop.cancelled() => break,
+            frame = ws.next() => frame,
+        };
+        let Ok(Frame::Text(range)) = frame else { break };
+        let Some(seq) = seq_of(ws.text(&range)) else {
+            continue;
+        };
+        let now = fanout.base.elapsed().as_nanos() as u64;
+        if !warmed {
+            warmed = true;
+            fanout.warmed.fetch_add(1, Ordering::Relaxed);
+        }
+        if (1..=UPDATES).contains(&seq) {
+            let sent = fanout.sent_ns[seq as usize].load(Ordering::Acquire);
+            latencies.push((now.saturating_sub(sent) / 1_000) as u32);
+            fanout.last_ns.fetch_max(now, Ordering::Relaxed);
+            if seq == UPDATES {
+                break;
+            }
+        }
+    }
+    latencies
+}
+
+/// Sends updates to a server: over ZeroMQ as an engine, or over the peer's publisher socket.
+enum Publisher {
+    Zmq(PushSocket),
+    Ws(Box<Ws>),
+}
+
+impl Publisher {
+    async fn connect(server: &Server) -> Publisher {
+        match server {
+            Server::Gateway { zmq, .. } => {
+                let mut push = PushSocket::new();
+                push.connect(zmq).await.unwrap();
+                Publisher::Zmq(push)
+            }
+            Server::Peer { addr } => {
+                Publisher::Ws(Box::new(Ws::connect(*addr, "/pub").await.unwrap()))
+            }
+        }
+    }
+
+    async fn send(&mut self, seq: u64) {
+        let (msg, text) = update(seq);
+        match self {
+            Publisher::Zmq(push) => {
+                let frames: Vec<bytes::Bytes> = ResultFrame::from_result(&msg)
+                    .encode()
+                    .into_iter()
+                    .map(Into::into)
+                    .collect();
+                push.send(ZmqMessage::try_from(frames).unwrap())
+                    .await
+                    .unwrap();
+            }
+            Publisher::Ws(ws) => ws.send(0x1, text.as_bytes()).await.unwrap(),
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1_000.0
+}
+
+async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss(pid);
+
+    let started = Instant::now();
+    let opened: Vec<Result<Ws, String>> = stream::iter(0..n)
+        .map(|_| open(server))
+        .buffer_unordered(CONNECTING_AT_ONCE)
+        .collect()
+        .await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    let failed: Vec<&String> = opened.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{name}: {} of {n} connections failed, e.g. {}",
+        failed.len(),
+        failed[0]
+    );
+    let sockets: Vec<Ws> = opened.into_iter().map(Result::unwrap).collect();
+    let connects_per_sec = n as f64 / connect_secs;
+    eprintln!("{name}: {n} clients connected in {connect_secs:.2} s ({connects_per_sec:.0}/s)");
+
+    // Quiet for a moment: what the server holds for idle clients.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss(pid);
+    let rss_bytes_per_connection = rss_after.saturating_sub(rss_before) as f64 / n as f64;
+    eprintln!(
+        "{name}: RSS {:.1} MB -> {:.1} MB, {rss_bytes_per_connection:.0} B per idle connection",
+        rss_before as f64 / 1e6,
+        rss_after as f64 / 1e6
+    );
+
+    let fanout = Arc::new(Fanout {
+        base: Instant::now(),
+        sent_ns: (0..=UPDATES).map(|_| AtomicU64::new(0)).collect(),
+        warmed: AtomicUsize::new(0),
+        last_ns: AtomicU64::new(0),
+        stop: CancellationToken::new(),
+    });
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .map(|ws| tokio::spawn(client(ws, fanout.clone())))
+        .collect();
+    let mut publisher = Publisher::connect(server).await;
+
+    // Warm-up: update 0 until every client has one (subscriptions are in place).
+    let warm_deadline = Instant::now() + Duration::from_secs(60);
+    while fanout.warmed.load(Ordering::Relaxed) < n {
+        assert!(
+            Instant::now() < warm_deadline,
+            "{name}: only {} of {n} clients got the warm-up update within 60 s",
+            fanout.warmed.load(Ordering::Relaxed)
+        );
+        publisher.send(0).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let cpu_before = (cpu_secs(pid), cpu_secs(std::process::id()));
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / RATE));
+    let first_sent = fanout.base.elapsed().as_nanos() as u64;
+    for seq in 1..=UPDATES {
+        tick.tick().await;
+        let now = fanout.base.elapsed().as_nanos() as u64;
+        fanout.sent_ns[seq as usize].store(now.max(1), Ordering::Release);
+        publisher.send(seq).await;
+    }
+    // Deliveries still under way finish; bounded.
+    let stopper = {
+        let stop = fanout.stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            stop.cancel();
+        })
+    };
+    let mut latencies: Vec<u32> = Vec::with_capacity(n * UPDATES as usize);
+    for reader in readers {
+        latencies.extend(reader.await.unwrap());
+    }
+    stopper.abort();
+    eprintln!(
+        "{name}: CPU during the fan-out: server {:.1} s, load generator {:.1} s",
+        cpu_secs(pid) - cpu_before.0,
+        cpu_secs(std::process::id()) - cpu_before.1
+    );
+    latencies.sort_unstable();
+    let delivered = latencies.len();
+    let span_secs = (fanout
+        .last_ns
+        .load(Ordering::Relaxed)
+        .saturating_sub(first_sent)) as f64
+        / 1e9;
+    let figures = Figures {
+        connects_per_sec,
+        rss_bytes_per_connection,
+        deliveries_per_sec: delivered as f64 / span_secs.max(f64::EPSILON),
+        p50_ms: percentile(&latencies, 50.0),
+        p99_ms: percentile(&latencies, 99.0),
+    };
+    eprintln!(
+        "{name}: {delivered} of {} updates delivered ({:.1} %), p50 {:.1} ms, p99 {:.1} ms",
+        n * UPDATES as usize,
+        100.0 * delivered as f64 / (n * UPDATES as usize) as f64,
+        figures.p50_ms,
+        figures.p99_ms
+    );
+    figures
+}

@@ -21,6 +21,7 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession};
 use clickpulse_protocol::zk::{GatewayInfo, Layout};
 use tokio::net::TcpListener;
@@ -156,6 +157,13 @@ pub async fn start(
     let task_state = state.clone();
     let task = tokio::spawn(async move {
         tracing::info!(gateway = %id, %http_addr, "gateway listening");
+        // Small pushes back to back (a subscribe's snapshots, one result per stream) must not
+        // wait for the client's delayed ACK (Nagle): no delay, as WebSocket servers do.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "TCP_NODELAY not set");
+            }
+        });
         if let Err(error) = axum::serve(listener, app)
             .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
             .await

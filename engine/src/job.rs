@@ -4,10 +4,12 @@
 //!  clicks.<tenant> (all partitions, assigned, no group rebalancing)
 //!      │ StreamConsumer::recv
 //!      ▼
-//!  ClickRef::decode ──bad──▶ counted as dead-lettered (dead.<tenant> comes with exactly-once)
+//!  ClickRef::decode ──bad──▶ dead.<tenant> (the record unchanged, reason, source offset)
 //!      │
 //!      ▼
-//!  Pipeline::on_click ──▶ results ──▶ bounded mpsc ──▶ publisher (ZeroMQ, results topic, tests)
+//!  Pipeline::on_click ──▶ results ──▶ results.<tenant> (the durable record)
+//!      │                         └──▶ bounded mpsc ──▶ publisher (ZeroMQ to gateways, tests)
+//!      └─ unknown page, time out of range ──▶ dead.<tenant>
 //!      ▲
 //!  idle check: a partition that reached the end of its log (partition EOF) and stayed silent
 //!  for `idle_timeout` stops holding the watermark back — never one that is merely slow to
@@ -21,6 +23,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clickpulse_protocol::dead::SourcePosition;
 use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::{ClickRef, Tenant, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
@@ -32,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::OperatorConfig;
 use crate::history::RedbStore;
+use crate::output::{Output, OutputError};
 use crate::pipeline::{Admission, EngineError, Pipeline};
 
 /// Where a starting job begins reading.
@@ -75,6 +79,8 @@ pub enum JobError {
     ResultsClosed,
     #[error("the look-up of where to start reading failed: {0}")]
     Seek(String),
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// What a job did, reported when it stops.
@@ -85,6 +91,8 @@ pub struct JobReport {
     pub late: u64,
     pub dead_lettered: u64,
     pub results: u64,
+    /// Records of `results.<tenant>` and `dead.<tenant>` the broker did not take.
+    pub output_failures: u64,
 }
 
 /// Runs a tenant job until `shutdown` is cancelled.
@@ -106,17 +114,21 @@ pub async fn run_job(
         .create_with_context(JobContext)?;
     // Metadata and offset look-ups block: keep them off the async workers.
     let seek_started = std::time::Instant::now();
-    let (consumer, assigned) = {
+    let (consumer, started) = {
         let (name, start, ops) = (topic.clone(), config.start, config.operators.clone());
-        let brokers = config.brokers.clone();
+        let (brokers, tenant) = (config.brokers.clone(), config.tenant.clone());
         tokio::task::spawn_blocking(move || {
-            let assigned = assign(&consumer, &brokers, &name, start, &ops);
-            (consumer, assigned)
+            let started = assign(&consumer, &brokers, &name, start, &ops).and_then(
+                |(partitions, from_ms)| {
+                    Ok((partitions, from_ms, Output::connect(&brokers, &tenant)?))
+                },
+            );
+            (consumer, started)
         })
         .await
         .map_err(|e| JobError::Seek(e.to_string()))?
     };
-    let (partitions, from_ms) = assigned?;
+    let (partitions, from_ms, output) = started?;
     let store = RedbStore::open(&config.history_path).map_err(EngineError::from)?;
     let mut pipeline = Pipeline::new(
         config.tenant.clone(),
@@ -156,7 +168,7 @@ pub async fn run_job(
                         if !seen_any[p] && !idle[p] {
                             idle[p] = true;
                             pipeline.on_idle(p)?;
-                            emit(&mut pipeline, &results, &mut report).await?;
+                            emit(&mut pipeline, &output, &results, &mut report).await?;
                         }
                         continue;
                     }
@@ -170,24 +182,30 @@ pub async fn run_job(
                     at_end[partition] = false;
                     idle[partition] = false;
                 }
-                match message.payload().map(ClickRef::decode) {
+                let rejected = match message.payload().map(ClickRef::decode) {
                     Some(Ok(click)) if click.tenant == config.tenant.as_str() => {
                         match pipeline.on_click(partition, click.visitor, click.page, click.event_time_ms)? {
-                            Admission::Accepted => report.accepted += 1,
-                            Admission::Late => report.late += 1,
-                            Admission::UnknownPage | Admission::BadTime => report.dead_lettered += 1,
+                            Admission::Accepted => { report.accepted += 1; None }
+                            Admission::Late => { report.late += 1; None }
+                            // Counted by the pipeline already.
+                            Admission::UnknownPage => Some(format!("unknown page {:?}", click.page)),
+                            Admission::BadTime => Some(format!("event time {} ms out of range", click.event_time_ms)),
                         }
                     }
                     other => {
-                        let reason = match other {
+                        pipeline.on_dead_letter();
+                        Some(match other {
                             None => "empty record".to_owned(),
                             Some(Err(e)) => e.to_string(),
                             Some(Ok(c)) => format!("record of tenant {} in {topic}", c.tenant),
-                        };
-                        tracing::warn!(%topic, partition, offset = message.offset(), %reason, "malformed click record");
-                        pipeline.on_dead_letter();
-                        report.dead_lettered += 1;
+                        })
                     }
+                };
+                if let Some(reason) = rejected {
+                    tracing::warn!(%topic, partition, offset = message.offset(), %reason, "malformed click record dead-lettered");
+                    report.dead_lettered += 1;
+                    let source = SourcePosition { topic: topic.clone(), partition: message.partition(), offset: message.offset() };
+                    output.dead_letter(message.key(), message.payload(), &reason, &source).await?;
                 }
             }
             _ = idle_check.tick() => {
@@ -206,21 +224,30 @@ pub async fn run_job(
                 }
             }
         }
-        emit(&mut pipeline, &results, &mut report).await?;
+        emit(&mut pipeline, &output, &results, &mut report).await?;
     }
     pipeline.flush_history()?;
+    report.output_failures = tokio::task::spawn_blocking(move || output.flush(OUTPUT_FLUSH))
+        .await
+        .unwrap_or(0);
     tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, "job stopped");
     Ok(report)
 }
 
-/// Sends the pipeline's new results; a full channel waits (backpressure), never drops.
+/// How long a stopping job waits for its output to be acknowledged.
+const OUTPUT_FLUSH: Duration = Duration::from_secs(10);
+
+/// Sends the pipeline's new results to `results.<tenant>` and the channel; a full channel
+/// waits (backpressure), never drops.
 async fn emit(
     pipeline: &mut Pipeline<RedbStore>,
+    output: &Output,
     results: &mpsc::Sender<ResultMsg>,
     report: &mut JobReport,
 ) -> Result<(), JobError> {
     for result in pipeline.take_results() {
         report.results += 1;
+        output.result(&result).await?;
         results
             .send(result)
             .await

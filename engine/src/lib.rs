@@ -22,6 +22,7 @@ pub mod control;
 pub mod history;
 pub mod job;
 pub mod links;
+pub mod output;
 pub mod pipeline;
 pub mod sessions;
 pub mod watermark;

@@ -8,12 +8,14 @@ use clickpulse_engine::job::{JobConfig, JobReport, StartFrom, run_job};
 use clickpulse_engine::pipeline::last_totals;
 use clickpulse_engine::{MemStore, OperatorConfig, Pipeline};
 use clickpulse_protocol::click::ClickRef;
+use clickpulse_protocol::dead::{REASON_HEADER, SOURCE_HEADER, SourcePosition};
 use clickpulse_protocol::results::{ResultBody, ResultMsg};
 use clickpulse_protocol::{Tenant, topics};
 use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::{Broker, unique_name};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -29,29 +31,50 @@ fn replay(broker: &Broker, tenant: &Tenant, users: u64) {
     clickpulse_replay::run(&config, &CancellationToken::new()).unwrap();
 }
 
-/// Every record of the topic: reads until nothing came for two seconds.
-fn read_back(broker: &Broker, topic: &str) -> Vec<Vec<u8>> {
+/// Every record of every partition of the topic: reads until nothing came for two seconds.
+fn read_messages(broker: &Broker, topic: &str) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap())
         .set("group.id", unique_name("readback"))
         .create()
         .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     let mut list = TopicPartitionList::new();
-    for p in 0..3 {
-        list.add_partition_offset(topic, p, Offset::Beginning)
+    for p in metadata.topics()[0].partitions() {
+        list.add_partition_offset(topic, p.id(), Offset::Beginning)
             .unwrap();
     }
+    assert!(list.count() > 0, "{topic} has partitions");
     consumer.assign(&list).unwrap();
     let mut out = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut last = std::time::Instant::now();
     while last.elapsed() < Duration::from_secs(2) && std::time::Instant::now() < deadline {
         if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            out.push(m.unwrap().payload().unwrap_or_default().to_vec());
+            out.push(m.unwrap().detach());
             last = std::time::Instant::now();
         }
     }
     out
+}
+
+/// The values of every record of the topic.
+fn read_back(broker: &Broker, topic: &str) -> Vec<Vec<u8>> {
+    read_messages(broker, topic)
+        .iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect()
+}
+
+/// A header's value as text.
+fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 fn config(broker: &Broker, tenant: &Tenant, dir: &tempfile::TempDir) -> JobConfig {
@@ -143,6 +166,20 @@ async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
         expected.len(),
         "results from the job vs in memory"
     );
+
+    // The durable record: results.<tenant> holds every result, in order, keyed by stream.
+    let written = read_messages(&broker, &topics::results(&tenant));
+    assert_eq!(written.len(), got.len(), "results in the topic");
+    for (m, r) in written.iter().zip(&got) {
+        assert_eq!(m.key(), Some(r.stream().as_str().as_bytes()));
+        assert_eq!(
+            &serde_json::from_slice::<ResultMsg>(m.payload().unwrap()).unwrap(),
+            r,
+            "offset {}",
+            m.offset()
+        );
+    }
+    assert_eq!(report.output_failures, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,6 +210,30 @@ async fn malformed_records_are_counted_and_the_job_goes_on() {
     let totals = last_totals(&got).unwrap();
     assert_eq!(totals.dead_lettered, 3);
     assert!(totals.views > 0);
+
+    // Each went to dead.<tenant> unchanged, with why and from where.
+    let sources: Vec<(Vec<u8>, SourcePosition)> = read_messages(&broker, &topic)
+        .iter()
+        .filter(|m| ClickRef::decode(m.payload().unwrap_or_default()).is_err())
+        .map(|m| {
+            let position = SourcePosition {
+                topic: topic.clone(),
+                partition: m.partition(),
+                offset: m.offset(),
+            };
+            (m.payload().unwrap_or_default().to_vec(), position)
+        })
+        .collect();
+    assert_eq!(sources.len(), 3);
+    let dead = read_messages(&broker, &topics::dead(&tenant));
+    assert_eq!(dead.len(), 3);
+    for (m, (payload, position)) in dead.iter().zip(&sources) {
+        assert_eq!(m.payload().unwrap_or_default(), &payload[..]);
+        assert_eq!(m.key(), Some(&b"k"[..]));
+        let source: SourcePosition = header(m, SOURCE_HEADER).unwrap().parse().unwrap();
+        assert_eq!(&source, position);
+        assert!(!header(m, REASON_HEADER).unwrap().is_empty());
+    }
 }
 
 #[tokio::test]

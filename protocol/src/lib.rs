@@ -20,6 +20,7 @@
 //! | [`clock`]    | the replay clock: event time of view *j* of user *u*                  |
 //! | [`pages`]    | the MSNBC page catalogue (category id ↔ name)                         |
 //! | [`results`]  | result messages computed by a tenant job                              |
+//! | [`dead`]     | dead letters on `dead.<tenant>`: the rejected record and why          |
 //! | [`zmq`]      | the multipart ZeroMQ frame carrying a result to a gateway             |
 //! | [`ws`]       | WebSocket client/server messages and close codes                      |
 //! | [`zk`]       | the ZooKeeper tree under the root (default `/clickpulse`) and payloads |
@@ -29,6 +30,7 @@
 pub mod auth;
 pub mod click;
 pub mod clock;
+pub mod dead;
 pub mod pages;
 pub mod results;
 pub mod tenant;

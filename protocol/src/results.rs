@@ -12,6 +12,9 @@
 //!  {"page":"news","views":198}]}}
 //! ```
 //!
+//! In `results.<tenant>` (one partition, in emission order) a result is one record: the key is
+//! its stream's name (`"topn"`, see [`Stream::as_str`]), the value this JSON.
+//!
 //! Receivers order results by `(epoch, seq)`: a result whose epoch is older than the newest
 //! epoch seen for the tenant, or whose `seq` is not above the last one delivered in the same
 //! epoch, is a duplicate or comes from a fenced-off engine, and is dropped.
@@ -237,6 +240,34 @@ mod tests {
             assert_eq!(back, msg);
             let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
             assert_eq!(value["stream"], msg.stream().as_str());
+        }
+    }
+
+    #[test]
+    fn ratios_parse_back_exactly() {
+        // Averages and rates are ratios of counts; found lossy (1.2962962962962963 came back
+        // as …965) before serde_json's float_roundtrip.
+        for views in 1..200u32 {
+            for sessions in 1..60u32 {
+                let ratio = f64::from(views) / f64::from(sessions);
+                let stats = SessionStats {
+                    active: 0,
+                    opened: 0,
+                    closed: sessions.into(),
+                    bounces: 0,
+                    bounce_rate: f64::from(sessions) / f64::from(views + sessions),
+                    new_visitors: 0,
+                    returning_visitors: 0,
+                    avg_views: ratio,
+                    avg_duration_ms: ratio * 1_000.0 / 7.0,
+                };
+                let msg = ResultMsg {
+                    body: ResultBody::Sessions(stats),
+                    ..topn()
+                };
+                let back: ResultMsg = serde_json::from_slice(&msg.to_json()).unwrap();
+                assert_eq!(back, msg);
+            }
         }
     }
 

@@ -62,6 +62,23 @@ pub struct Acks {
     first_error: Mutex<Option<String>>,
 }
 
+impl Acks {
+    /// Records the broker acknowledged.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Records that definitely failed.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// The first delivery failure, if any.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
 impl ClientContext for Acks {}
 
 impl ProducerContext for Acks {
@@ -96,6 +113,74 @@ fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("reconnect.backoff.max.ms", "2000");
     c
+}
+
+/// Creates the topics that do not exist yet (`partitions` each) and waits until the broker
+/// lists them. Used by the replayer for `clicks.<tenant>` and by jobs for their output topics.
+pub fn ensure_topics(
+    config: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+) -> Result<(), KafkaSinkError> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(config)
+            .create()
+            .map_err(|source| KafkaSinkError::Client {
+                brokers: config.brokers.clone(),
+                source,
+            })?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = futures_executor::block_on(admin.create_topics(&new, &opts)).map_err(|e| {
+        KafkaSinkError::CreateTopic {
+            topic: topics.join(","),
+            reason: e.to_string(),
+        }
+    })?;
+    for result in results {
+        match result {
+            Ok(topic) => tracing::info!(%topic, partitions, "topic created"),
+            Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                tracing::debug!(%topic, "topic exists")
+            }
+            Err((topic, code)) => {
+                return Err(KafkaSinkError::CreateTopic {
+                    topic,
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    let deadline = Duration::from_secs(15);
+    for topic in topics {
+        let start = Instant::now();
+        loop {
+            let visible = admin
+                .inner()
+                .fetch_metadata(Some(topic), Duration::from_secs(2))
+                .map(|m| {
+                    m.topics().iter().any(|t| {
+                        t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                    })
+                })
+                .unwrap_or(false);
+            if visible {
+                break;
+            }
+            if start.elapsed() > deadline {
+                return Err(KafkaSinkError::TopicNotVisible {
+                    topic: topic.clone(),
+                    waited: deadline,
+                });
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
 }
 
 impl KafkaSink {
@@ -141,65 +226,7 @@ impl KafkaSink {
         partitions: i32,
         replication: i32,
     ) -> Result<(), KafkaSinkError> {
-        let admin: AdminClient<DefaultClientContext> = client_config(&self.config)
-            .create()
-            .map_err(|source| KafkaSinkError::Client {
-                brokers: self.config.brokers.clone(),
-                source,
-            })?;
-        let new: Vec<NewTopic<'_>> = topics
-            .iter()
-            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
-            .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        let results =
-            futures_executor::block_on(admin.create_topics(&new, &opts)).map_err(|e| {
-                KafkaSinkError::CreateTopic {
-                    topic: topics.join(","),
-                    reason: e.to_string(),
-                }
-            })?;
-        for result in results {
-            match result {
-                Ok(topic) => tracing::info!(%topic, partitions, "topic created"),
-                Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    tracing::debug!(%topic, "topic exists")
-                }
-                Err((topic, code)) => {
-                    return Err(KafkaSinkError::CreateTopic {
-                        topic,
-                        reason: code.to_string(),
-                    });
-                }
-            }
-        }
-        let deadline = Duration::from_secs(15);
-        for topic in topics {
-            let start = Instant::now();
-            loop {
-                let visible = self
-                    .producer
-                    .client()
-                    .fetch_metadata(Some(topic), Duration::from_secs(2))
-                    .map(|m| {
-                        m.topics().iter().any(|t| {
-                            t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
-                        })
-                    })
-                    .unwrap_or(false);
-                if visible {
-                    break;
-                }
-                if start.elapsed() > deadline {
-                    return Err(KafkaSinkError::TopicNotVisible {
-                        topic: topic.clone(),
-                        waited: deadline,
-                    });
-                }
-                thread::sleep(Duration::from_millis(100));
-            }
-        }
-        Ok(())
+        ensure_topics(&self.config, topics, partitions, replication)
     }
 
     /// Queues one record stamped with its event time (so consumers can seek by event time with

@@ -104,6 +104,8 @@ async fn bench() {
     // Where the start time goes, from the engines' own logs.
     for (what, key) in [
         ("seek", "seek_ms="),
+        ("  of which newest records", "newest_ms="),
+        ("  of which offset search", "search_ms="),
         ("first result after claim", "ms_since_start="),
     ] {
         let mut ms: Vec<f64> = engines
@@ -170,7 +172,19 @@ async fn bench() {
             .is_some()
     );
     for round in 0..TAKEOVERS {
-        let owner = cluster.owners().await.remove(watched).unwrap();
+        // The viewer's first result can come from a job still lingering from the starts
+        // phase, just before it stops and the viewer's own claim replaces it: wait for an owner.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let owner = loop {
+            if let Some(owner) = cluster.owners().await.remove(watched) {
+                break owner;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no owner of {watched} within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let index = usize::from(owner.engine == "engine-b");
         let killed = Instant::now();
         engines[index].kill();

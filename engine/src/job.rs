@@ -79,6 +79,8 @@ pub enum JobError {
     ResultsClosed,
     #[error("the look-up of where to start reading failed: {0}")]
     Seek(String),
+    #[error("a start-up task of the job failed: {0}")]
+    StartUp(String),
     #[error(transparent)]
     Output(#[from] OutputError),
 }
@@ -112,23 +114,25 @@ pub async fn run_job(
         // End-of-partition events tell "caught up" from "not fetched yet" for idleness.
         .set("enable.partition.eof", "true")
         .create_with_context(JobContext)?;
-    // Metadata and offset look-ups block: keep them off the async workers.
     let seek_started = std::time::Instant::now();
-    let (consumer, started) = {
+    // Both block (metadata, offset look-ups, topic creation): off the async workers, and side
+    // by side, as neither needs the other.
+    let seek = {
         let (name, start, ops) = (topic.clone(), config.start, config.operators.clone());
-        let (brokers, tenant) = (config.brokers.clone(), config.tenant.clone());
+        let brokers = config.brokers.clone();
         tokio::task::spawn_blocking(move || {
-            let started = assign(&consumer, &brokers, &name, start, &ops).and_then(
-                |(partitions, from_ms)| {
-                    Ok((partitions, from_ms, Output::connect(&brokers, &tenant)?))
-                },
-            );
-            (consumer, started)
+            let assigned = assign(&consumer, &brokers, &name, start, &ops);
+            (consumer, assigned)
         })
-        .await
-        .map_err(|e| JobError::Seek(e.to_string()))?
     };
-    let (partitions, from_ms, output) = started?;
+    let output = {
+        let (brokers, tenant) = (config.brokers.clone(), config.tenant.clone());
+        tokio::task::spawn_blocking(move || Output::connect(&brokers, &tenant))
+    };
+    let (seek, output) = tokio::join!(seek, output);
+    let (consumer, assigned) = seek.map_err(|e| JobError::StartUp(e.to_string()))?;
+    let (partitions, from_ms) = assigned?;
+    let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
     let store = RedbStore::open(&config.history_path).map_err(EngineError::from)?;
     let mut pipeline = Pipeline::new(
         config.tenant.clone(),
@@ -291,7 +295,13 @@ fn assign(
             })
             .collect::<Result<_, KafkaError>>()?;
         tracing::debug!(?bounds, "partition bounds");
-        let (newest, bounds) = probe.newest(&bounds)?;
+        let phase = std::time::Instant::now();
+        let Tails {
+            newest,
+            bounds,
+            starts,
+        } = probe.newest(&bounds)?;
+        let newest_ms = phase.elapsed().as_millis() as u64;
         tracing::debug!(?newest, ?bounds, "newest event times");
         let from_ms = match start {
             StartFrom::Time(ms) => Some(ms),
@@ -302,10 +312,45 @@ fn assign(
                     - ops.window_ms
             }),
         };
+        let phase = std::time::Instant::now();
         let offsets = match from_ms {
-            Some(ms) => probe.first_at_or_after(&bounds, &newest, ms)?,
+            Some(ms) => {
+                // Known without a search: a partition with nothing at or after the time starts
+                // at its end; one whose tail, just read, begins before the time starts there
+                // (every earlier record is older, and it is a position that answers). Only the
+                // other partitions need a search.
+                let known = |p: i32, end: i64| {
+                    if newest.get(&p).is_none_or(|&n| n < ms) {
+                        Some(end)
+                    } else {
+                        starts
+                            .get(&p)
+                            .filter(|&&(_, time)| time < ms)
+                            .map(|&(offset, _)| offset)
+                    }
+                };
+                let mut offsets = Vec::new();
+                let mut unknown = Vec::new();
+                for &(p, low, end) in &bounds {
+                    match known(p, end) {
+                        Some(offset) => offsets.push((p, offset)),
+                        None => unknown.push((p, low, end)),
+                    }
+                }
+                if !unknown.is_empty() {
+                    offsets.extend(probe.first_at_or_after(&unknown, &newest, ms)?);
+                }
+                offsets
+            }
             None => bounds.iter().map(|&(p, low, _)| (p, low)).collect(),
         };
+        tracing::info!(
+            %topic,
+            newest_ms,
+            search_ms = phase.elapsed().as_millis() as u64,
+            ?offsets,
+            "start offsets found"
+        );
         for (p, offset) in offsets {
             list.add_partition_offset(topic, p, Offset::Offset(offset))?;
         }
@@ -350,13 +395,14 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// offset, but some brokers (tansu 0.6) only from the start of a stored batch, and answer
 /// nothing for an offset inside the last one. A look-up without an answer within
 /// the look-up wait counts as "nothing there" and the search keeps to positions that answered.
-/// That wait adapts to how long answers take (a loaded machine or broker answers slowly, and a
-/// slow answer must not pass for "nothing there"): at least [`PROBE_WAIT`], three times the
-/// slowest answer seen so far, at most [`LOOKUP_TIMEOUT`].
+/// Every "nothing" costs the whole wait, so it stays short ([`PROBE_WAIT`]); on a loaded
+/// machine a slow answer can pass for "nothing", which only makes the job read a little more
+/// than needed. (A wait that grew with the answers' latency was tried: it tripled the start
+/// time in `scripts/bench jobs`.) The one answer the start position cannot do without — a
+/// partition's newest records — is asked for again patiently when it did not come.
 struct Probe {
     brokers: String,
     topic: String,
-    wait: std::cell::Cell<Duration>,
 }
 
 /// A look-up's consumer. Dropped, it stops fetching, throws away what it fetched, and is
@@ -399,8 +445,28 @@ impl Drop for ProbeConsumer {
 /// end-of-partition comes (the topic is being written).
 const CHASE_LIMIT: Duration = Duration::from_secs(3);
 
-/// How long one look-up waits for its record at least (see [`Probe`]).
+/// How long one look-up waits for its record (see [`Probe`]).
 const PROBE_WAIT: Duration = Duration::from_millis(500);
+
+/// What reading each partition's tail found ([`Probe::newest`]).
+struct Tails {
+    /// Newest event time per partition (none: empty).
+    newest: HashMap<i32, i64>,
+    /// Each partition's `(partition, low, end)`, the end as read, not as reported.
+    bounds: Vec<(i32, i64, i64)>,
+    /// Where each partition's tail read started (a position that answers) and the event time
+    /// of its first record: every record before it is at or before that time.
+    starts: HashMap<i32, (i64, i64)>,
+}
+
+/// What a probe consumer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The first record at a position.
+    First,
+    /// Everything from a position to the end.
+    ToTheEnd,
+}
 
 /// What a consumer assigned at an offset finds first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -461,22 +527,29 @@ impl Probe {
         Probe {
             brokers: brokers.to_owned(),
             topic: topic.to_owned(),
-            wait: std::cell::Cell::new(PROBE_WAIT),
         }
     }
 
     /// A consumer of one partition from `offset`.
-    fn open(&self, partition: i32, offset: i64) -> Result<ProbeConsumer, KafkaError> {
-        let consumer: BaseConsumer = ClientConfig::new()
+    fn open(&self, partition: i32, offset: i64, read: Read) -> Result<ProbeConsumer, KafkaError> {
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", format!("clickpulse-probe.{}", self.topic))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
+            .set("fetch.wait.max.ms", "10");
+        if read == Read::First {
             // A few records per look-up: no prefetching of whole partitions.
-            .set("queued.min.messages", "1")
-            .set("fetch.wait.max.ms", "10")
-            .set("max.partition.fetch.bytes", "16384")
-            .create()?;
+            config
+                .set("queued.min.messages", "1")
+                .set("max.partition.fetch.bytes", "16384");
+        } else {
+            // To the end, fast: a partition's tail can be a whole large batch (16 KiB fetches
+            // made reading it take seconds in `scripts/bench jobs`).
+            config.set("max.partition.fetch.bytes", "4194304");
+        }
+        let consumer: BaseConsumer = config.create()?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
         consumer.assign(&list)?;
@@ -489,11 +562,10 @@ impl Probe {
         let mut open = wanted
             .iter()
             .enumerate()
-            .map(|(i, &(p, offset))| Ok((i, offset, self.open(p, offset)?)))
+            .map(|(i, &(p, offset))| Ok((i, offset, self.open(p, offset, Read::First)?)))
             .collect::<Result<Vec<_>, KafkaError>>()?;
         let mut out = vec![Landing::Nothing; wanted.len()];
         let started = std::time::Instant::now();
-        let mut slowest = None;
         while !open.is_empty() && started.elapsed() < wait {
             let mut i = 0;
             while i < open.len() {
@@ -509,7 +581,6 @@ impl Probe {
                 };
                 if let Some(landing) = landing {
                     out[*slot] = landing;
-                    slowest = Some(started.elapsed());
                     open.swap_remove(i);
                 } else {
                     i += 1;
@@ -517,29 +588,22 @@ impl Probe {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        if let Some(slowest) = slowest {
-            let wait = (slowest * 3).clamp(PROBE_WAIT, LOOKUP_TIMEOUT);
-            self.wait.set(self.wait.get().max(wait));
-        }
         Ok(out)
     }
 
-    /// [`Self::land_within`] the current look-up wait.
+    /// [`Self::land_within`] the usual look-up wait.
     fn land(&self, wanted: &[(i32, i64)]) -> Result<Vec<Landing>, JobError> {
-        self.land_within(wanted, self.wait.get())
+        self.land_within(wanted, PROBE_WAIT)
     }
 
     /// The newest event time of each partition, and its true end: finds a position near the
     /// reported high watermark that answers (stepping back from it), then reads to the end
     /// (input is in event-time order per partition, and a broker can report a stale high
     /// watermark). Empty partitions have no newest time.
-    #[allow(clippy::type_complexity)]
-    fn newest(
-        &self,
-        bounds: &[(i32, i64, i64)],
-    ) -> Result<(HashMap<i32, i64>, Vec<(i32, i64, i64)>), JobError> {
-        // Several positions stepping back from the reported end, all looked up at once: the
-        // latest that answers is where to read from (on Kafka, the first one always does).
+    fn newest(&self, bounds: &[(i32, i64, i64)]) -> Result<Tails, JobError> {
+        // Several positions stepping back from the reported end (×4 each), all looked up at
+        // once: the latest that answers is where to read from (on Kafka, the first one always
+        // does; where only batch starts answer, it is at most about four last batches back).
         let mut wanted = Vec::new();
         for &(p, low, high) in bounds.iter().filter(|(_, low, high)| high > low) {
             let mut step = 1;
@@ -548,7 +612,7 @@ impl Probe {
                 if high - step <= low {
                     break;
                 }
-                step = step.saturating_mul(32);
+                step = step.saturating_mul(4);
             }
         }
         let mut starts: HashMap<i32, i64> = HashMap::new();
@@ -590,10 +654,11 @@ impl Probe {
         // but at least one record of each partition (it answered before: it will again).
         let mut readers = starts
             .iter()
-            .map(|(&p, &offset)| Ok((p, self.open(p, offset)?)))
+            .map(|(&p, &offset)| Ok((p, self.open(p, offset, Read::ToTheEnd)?)))
             .collect::<Result<Vec<_>, KafkaError>>()?;
         let mut ends: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
         let mut newest: HashMap<i32, i64> = HashMap::new();
+        let mut tails: HashMap<i32, (i64, i64)> = HashMap::new();
         let started = std::time::Instant::now();
         while !readers.is_empty() {
             let elapsed = started.elapsed();
@@ -615,6 +680,11 @@ impl Probe {
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => {
                         idle = false;
+                        if let Some(&start) = starts.get(p)
+                            && m.offset() >= start
+                        {
+                            tails.entry(*p).or_insert((start, event_time(&m)));
+                        }
                         let t = newest.entry(*p).or_insert(i64::MIN);
                         *t = (*t).max(event_time(&m));
                         let end = ends.entry(*p).or_insert(0);
@@ -636,7 +706,11 @@ impl Probe {
             .iter()
             .map(|&(p, low, high)| (p, low, ends.get(&p).copied().unwrap_or(high)))
             .collect();
-        Ok((newest, bounds))
+        Ok(Tails {
+            newest,
+            bounds,
+            starts: tails,
+        })
     }
 
     /// Per partition, the first position whose record's event time is `>= time` (the end

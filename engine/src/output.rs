@@ -54,7 +54,9 @@ impl Output {
             connect_timeout: Duration::from_secs(10),
             delivery_timeout: DELIVERY_TIMEOUT,
         };
+        let started = std::time::Instant::now();
         ensure_topics(&config, &[results.clone(), dead.clone()], 1, 1)?;
+        tracing::debug!(%results, %dead, ms = started.elapsed().as_millis() as u64, "output topics ready");
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")

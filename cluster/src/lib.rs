@@ -4,11 +4,16 @@
 //!  ZkSession::connect ── bounded retries with backoff ──▶ zookeeper_client::Client
 //!       │                                                        │ state watcher
 //!       │ register(path, data)  ─▶ ephemeral node, remembered    ▼
-//!       │ register_many(...)    ─▶ pipelined, bounded in flight  keeper task:
-//!       │ deregister(path)      ─▶ deleted, forgotten              Expired ─▶ new session (backoff)
-//!       ▼                                                                 ─▶ every remembered
-//!  close() ─▶ the session ends; the server deletes its ephemerals         ephemeral recreated
+//!       │ update(path, data)    ─▶ its data rewritten          keeper task:
+//!       │ register_many(...)    ─▶ pipelined, bounded          Expired ─▶ new session (backoff)
+//!       │ deregister(path)      ─▶ deleted, forgotten                  ─▶ every remembered
+//!       ▼                                                                 ephemeral recreated
+//!  close() ─▶ the session ends; the server deletes its ephemerals
 //! ```
+//!
+//! Registrations and updates made at the same time are written together, one `multi`
+//! transaction per hundred, so a storm of connecting clients costs a few round trips and log
+//! writes, not one per client.
 //!
 //! An ephemeral node lives as long as the session that created it. A session can expire (a
 //! long network cut, a paused process); the server then deletes its ephemerals. Like Apache

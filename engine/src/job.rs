@@ -559,14 +559,25 @@ impl Probe {
     /// Where consumers assigned at these offsets land, all looked up at once, each waiting up
     /// to `wait` for an answer.
     fn land_within(&self, wanted: &[(i32, i64)], wait: Duration) -> Result<Vec<Landing>, JobError> {
+        self.land_until(wanted, wait, |_, _| false)
+    }
+
+    /// [`Self::land_within`], stopping early once `enough(answers so far, time taken)` holds
+    /// (unanswered positions count as [`Landing::Nothing`]).
+    fn land_until(
+        &self,
+        wanted: &[(i32, i64)],
+        wait: Duration,
+        enough: impl Fn(&[Option<Landing>], Duration) -> bool,
+    ) -> Result<Vec<Landing>, JobError> {
         let mut open = wanted
             .iter()
             .enumerate()
             .map(|(i, &(p, offset))| Ok((i, offset, self.open(p, offset, Read::First)?)))
             .collect::<Result<Vec<_>, KafkaError>>()?;
-        let mut out = vec![Landing::Nothing; wanted.len()];
+        let mut out: Vec<Option<Landing>> = vec![None; wanted.len()];
         let started = std::time::Instant::now();
-        while !open.is_empty() && started.elapsed() < wait {
+        while !open.is_empty() && started.elapsed() < wait && !enough(&out, started.elapsed()) {
             let mut i = 0;
             while i < open.len() {
                 let (slot, offset, consumer) = &open[i];
@@ -580,7 +591,7 @@ impl Probe {
                     _ => None,
                 };
                 if let Some(landing) = landing {
-                    out[*slot] = landing;
+                    out[*slot] = Some(landing);
                     open.swap_remove(i);
                 } else {
                     i += 1;
@@ -588,7 +599,10 @@ impl Probe {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|l| l.unwrap_or(Landing::Nothing))
+            .collect())
     }
 
     /// [`Self::land_within`] the usual look-up wait.
@@ -615,8 +629,31 @@ impl Probe {
                 step = step.saturating_mul(4);
             }
         }
+        // Any position that answers will do (the tail is read to the end from it); a later
+        // one only saves reading. Positions inside a batch-serving broker's last batch never
+        // answer, so rather than wait for them the whole look-up time, stop once every
+        // partition has an answer and twice the time that took has passed.
+        let partitions: std::collections::HashSet<i32> = wanted.iter().map(|&(p, _)| p).collect();
+        let first_answer = std::cell::Cell::new(None::<Duration>);
+        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
+            let answered: std::collections::HashSet<i32> = wanted
+                .iter()
+                .zip(answers)
+                .filter(|(_, a)| matches!(a, Some(Landing::Record { .. })))
+                .map(|(&(p, _), _)| p)
+                .collect();
+            if answered.len() < partitions.len() {
+                return false;
+            }
+            let all_at = first_answer.get().unwrap_or(elapsed);
+            first_answer.set(Some(all_at));
+            elapsed >= all_at * 2 + Duration::from_millis(20)
+        };
         let mut starts: HashMap<i32, i64> = HashMap::new();
-        for (&(p, _), landing) in wanted.iter().zip(self.land(&wanted)?) {
+        for (&(p, _), landing) in wanted
+            .iter()
+            .zip(self.land_until(&wanted, PROBE_WAIT, enough)?)
+        {
             if let Landing::Record { offset, .. } = landing {
                 let start = starts.entry(p).or_insert(offset);
                 *start = (*start).max(offset);
@@ -650,36 +687,54 @@ impl Probe {
             }
         }
         // Read each partition from there to its end (tansu's reported end can be stale). A
-        // topic being written has no end to reach: after CHASE_LIMIT, what was read is it --
-        // but at least one record of each partition (it answered before: it will again).
+        // topic being written has no end to reach: once a reader is past the end reported
+        // before the seek began, CHASE_LIMIT bounds how long it goes on, and what it read is
+        // the tail. A reader still short of that end is not cut off, however long the broker
+        // takes (a loaded machine): cutting it took an early record's time for the newest and
+        // started the job hours back. Only a reader that stalls for LOOKUP_TIMEOUT is an error.
         let mut readers = starts
             .iter()
-            .map(|(&p, &offset)| Ok((p, self.open(p, offset, Read::ToTheEnd)?)))
+            .map(|(&p, &offset)| {
+                Ok((
+                    p,
+                    self.open(p, offset, Read::ToTheEnd)?,
+                    std::time::Instant::now(),
+                ))
+            })
             .collect::<Result<Vec<_>, KafkaError>>()?;
-        let mut ends: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
+        let reported: HashMap<i32, i64> = bounds.iter().map(|&(p, _, high)| (p, high)).collect();
+        let mut ends = reported.clone();
+        let mut read_to: HashMap<i32, i64> = HashMap::new();
         let mut newest: HashMap<i32, i64> = HashMap::new();
         let mut tails: HashMap<i32, (i64, i64)> = HashMap::new();
         let started = std::time::Instant::now();
         while !readers.is_empty() {
-            let elapsed = started.elapsed();
-            if elapsed >= CHASE_LIMIT {
-                readers.retain(|(p, _)| !newest.contains_key(p));
-                if let Some((p, _)) = readers.first()
-                    && elapsed >= LOOKUP_TIMEOUT
-                {
-                    return Err(JobError::Seek(format!(
-                        "partition {p} of {} answered once, then sent nothing for {LOOKUP_TIMEOUT:?}",
-                        self.topic
-                    )));
-                }
+            if started.elapsed() >= CHASE_LIMIT {
+                readers.retain(|(p, _, _)| {
+                    let end = reported.get(p).copied().unwrap_or(0);
+                    let short = read_to.get(p).is_none_or(|&to| to < end);
+                    short || !newest.contains_key(p)
+                });
+            }
+            if let Some((p, _, _)) = readers
+                .iter()
+                .find(|(_, _, progress)| progress.elapsed() >= LOOKUP_TIMEOUT)
+            {
+                return Err(JobError::Seek(format!(
+                    "partition {p} of {} stopped sending records before its end for {LOOKUP_TIMEOUT:?}",
+                    self.topic
+                )));
             }
             let mut i = 0;
             let mut idle = true;
             while i < readers.len() {
-                let (p, consumer) = &readers[i];
+                let (p, consumer, progress) = &mut readers[i];
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => {
                         idle = false;
+                        *progress = std::time::Instant::now();
+                        let to = read_to.entry(*p).or_insert(0);
+                        *to = (*to).max(m.offset() + 1);
                         if let Some(&start) = starts.get(p)
                             && m.offset() >= start
                         {

@@ -407,6 +407,7 @@ fn update(seq: u64) -> (ResultMsg, String) {
     let msg = ResultMsg {
         tenant: Tenant::new("acme").unwrap(),
         epoch: 1,
+        run: 1,
         seq,
         window_start_ms: 938_563_200_000 + seq as i64 * 10_000,
         window_end_ms: 938_563_500_000 + seq as i64 * 10_000,

@@ -91,6 +91,10 @@ pub struct PipelineState {
     next_slide: Option<i64>,
     totals: TotalCounts,
     newest_ms: i64,
+    /// The run this state belongs to (the epoch of the owner that started it afresh) and the
+    /// last sequence number emitted in it.
+    #[serde(default)]
+    run: u64,
     seq: u64,
     /// Windows starting before this instant are closed but not emitted: a job that started
     /// from a point in the log has not seen their beginning (see [`Pipeline::backfill_from`]).
@@ -132,6 +136,7 @@ impl<S: HistoryStore> Pipeline<S> {
                 ..TotalCounts::default()
             },
             newest_ms: i64::MIN,
+            run: epoch,
             seq: 0,
             windows_from_ms: i64::MIN,
             config,
@@ -145,7 +150,8 @@ impl<S: HistoryStore> Pipeline<S> {
         })
     }
 
-    /// Resumes from a snapshot; `epoch` is the restoring owner's.
+    /// Resumes from a snapshot; `epoch` is the restoring owner's. The run and its numbering go
+    /// on: results re-emitted after the snapshot carry the same `run` and `seq` as before.
     pub fn restore(tenant: Tenant, epoch: u64, state: PipelineState, store: S) -> Self {
         Pipeline {
             tenant,
@@ -180,6 +186,23 @@ impl<S: HistoryStore> Pipeline<S> {
 
     pub fn watermark(&self) -> i64 {
         self.state.watermark.current()
+    }
+
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    pub fn run(&self) -> u64 {
+        self.state.run
+    }
+
+    /// Sequence number of the last result emitted.
+    pub fn seq(&self) -> u64 {
+        self.state.seq
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Takes the results emitted since the last call.
@@ -427,6 +450,7 @@ impl<S: HistoryStore> Pipeline<S> {
         self.out.push(ResultMsg {
             tenant: self.tenant.clone(),
             epoch: self.epoch,
+            run: self.state.run,
             seq: self.state.seq,
             window_start_ms: start,
             window_end_ms: end,

@@ -2,7 +2,7 @@
 //! and one conflating mailbox per client.
 //!
 //! ```text
-//!  ResultFrame ─▶ Hub::publish ─▶ older epoch or seq already seen? ─▶ dropped (counted)
+//!  ResultFrame ─▶ Hub::publish ─▶ older epoch, or (run, seq) already seen? ─▶ dropped (counted)
 //!                     │
 //!                     ├─▶ latest[tenant][stream] = json        (snapshot for new subscribers)
 //!                     └─▶ for each subscriber of (tenant, stream): Mailbox::offer
@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::Utf8Bytes;
 use clickpulse_protocol::Tenant;
-use clickpulse_protocol::results::Stream;
+use clickpulse_protocol::results::{Admit, Order, Stream};
+use clickpulse_protocol::ws::Position;
 use clickpulse_protocol::zmq::ResultFrame;
 use tokio::sync::Notify;
 
@@ -27,7 +28,7 @@ use tokio::sync::Notify;
 pub enum Published {
     /// Accepted; offered to this many subscribers.
     Delivered(usize),
-    /// Its sequence number was already seen in its epoch.
+    /// Its `(run, seq)` was already delivered (a result re-emitted after a restore).
     Duplicate,
     /// It comes from an older epoch than the tenant's newest: a fenced-off engine.
     StaleEpoch,
@@ -213,14 +214,21 @@ impl Mailbox {
 struct Subscriber {
     streams: Vec<Stream>,
     mailbox: Arc<Mailbox>,
+    /// A resuming client's last result: nothing at or before it is sent to it.
+    after: Option<Position>,
+}
+
+impl Subscriber {
+    fn has(&self, at: Position) -> bool {
+        self.after.is_some_and(|after| at <= after)
+    }
 }
 
 #[derive(Debug, Default)]
 struct TenantState {
-    epoch: u64,
-    /// Highest sequence number accepted in `epoch`.
-    seq: u64,
-    latest: HashMap<Stream, Arc<str>>,
+    /// The newest epoch heard from and the last `(run, seq)` accepted.
+    order: Order,
+    latest: HashMap<Stream, (Position, Arc<str>)>,
     subscribers: HashMap<u64, Subscriber>,
 }
 
@@ -251,22 +259,27 @@ impl Hub {
     pub fn publish(&self, frame: &ResultFrame) -> Published {
         let mut tenants = lock(&self.tenants);
         let t = tenants.entry(frame.tenant.clone()).or_default();
-        if frame.epoch < t.epoch {
-            self.stats.stale_epochs.fetch_add(1, Ordering::Relaxed);
-            return Published::StaleEpoch;
+        match t.order.admit(frame.epoch, frame.run, frame.seq) {
+            Admit::Deliver => {}
+            Admit::StaleEpoch => {
+                self.stats.stale_epochs.fetch_add(1, Ordering::Relaxed);
+                return Published::StaleEpoch;
+            }
+            Admit::Duplicate => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Published::Duplicate;
+            }
         }
-        if frame.epoch == t.epoch && frame.seq <= t.seq {
-            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            return Published::Duplicate;
-        }
-        t.epoch = frame.epoch;
-        t.seq = frame.seq;
+        let at = Position {
+            run: frame.run,
+            seq: frame.seq,
+        };
         let json: Arc<str> = String::from_utf8_lossy(&frame.json).into();
-        t.latest.insert(frame.stream, json.clone());
+        t.latest.insert(frame.stream, (at, json.clone()));
         let mut delivered = 0;
         let live = Outgoing::new(frame.stream, json.clone(), false);
         for sub in t.subscribers.values() {
-            if sub.streams.contains(&frame.stream) {
+            if sub.streams.contains(&frame.stream) && !sub.has(at) {
                 let replaced = sub.mailbox.offer(live.clone());
                 if replaced {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
@@ -278,12 +291,14 @@ impl Hub {
         Published::Delivered(delivered)
     }
 
-    /// Adds streams to a client's subscription and queues the latest result of each at once.
+    /// Adds streams to a client's subscription and queues the latest result of each at once;
+    /// `after` (a resuming client's last result) holds back everything up to it.
     pub fn subscribe(
         &self,
         tenant: &Tenant,
         client: u64,
         streams: &[Stream],
+        after: Option<Position>,
         mailbox: &Arc<Mailbox>,
     ) {
         let mut tenants = lock(&self.tenants);
@@ -291,12 +306,18 @@ impl Hub {
         let sub = t.subscribers.entry(client).or_insert_with(|| Subscriber {
             streams: Vec::new(),
             mailbox: mailbox.clone(),
+            after: None,
         });
+        if after.is_some() {
+            sub.after = after.max(sub.after);
+        }
         for &stream in streams {
             if !sub.streams.contains(&stream) {
                 sub.streams.push(stream);
             }
-            if let Some(json) = t.latest.get(&stream) {
+            if let Some((at, json)) = t.latest.get(&stream)
+                && !sub.has(*at)
+            {
                 mailbox.offer(Outgoing::new(stream, json.clone(), true));
             }
         }
@@ -336,9 +357,21 @@ mod tests {
     use super::*;
 
     fn frame(tenant: &str, epoch: u64, seq: u64, stream: Stream, body: &str) -> ResultFrame {
+        in_run(tenant, epoch, 1, seq, stream, body)
+    }
+
+    fn in_run(
+        tenant: &str,
+        epoch: u64,
+        run: u64,
+        seq: u64,
+        stream: Stream,
+        body: &str,
+    ) -> ResultFrame {
         ResultFrame {
             tenant: Tenant::new(tenant).unwrap(),
             epoch,
+            run,
             seq,
             stream,
             json: body.as_bytes().to_vec(),
@@ -364,9 +397,23 @@ mod tests {
             hub.publish(&frame("acme", 1, 9, Stream::TopN, "a")),
             Published::StaleEpoch
         );
-        // a new owner restarts numbering in its higher epoch
+        // A new owner resumed the run from a checkpoint: what it re-emits is dropped, what is
+        // new goes out, and the old owner is fenced off from then on.
         assert_eq!(
-            hub.publish(&frame("acme", 3, 1, Stream::TopN, "b")),
+            hub.publish(&frame("acme", 3, 4, Stream::TopN, "a")),
+            Published::Duplicate
+        );
+        assert_eq!(
+            hub.publish(&frame("acme", 3, 6, Stream::TopN, "b")),
+            Published::Delivered(0)
+        );
+        assert_eq!(
+            hub.publish(&frame("acme", 2, 7, Stream::TopN, "zombie")),
+            Published::StaleEpoch
+        );
+        // A fresh start begins a new run, numbered from 1.
+        assert_eq!(
+            hub.publish(&in_run("acme", 4, 4, 1, Stream::TopN, "c")),
             Published::Delivered(0)
         );
         // tenants are independent
@@ -383,7 +430,7 @@ mod tests {
         hub.publish(&frame("acme", 1, 1, Stream::TopN, "old"));
         hub.publish(&frame("acme", 1, 2, Stream::TopN, "latest"));
         let mailbox = Mailbox::new();
-        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], &mailbox);
+        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], None, &mailbox);
         let snap = mailbox.take().unwrap();
         assert_eq!(
             (snap.stream, &*snap.json, snap.snapshot),
@@ -402,12 +449,35 @@ mod tests {
     }
 
     #[test]
+    fn a_resuming_client_gets_nothing_it_already_has() {
+        let hub = Hub::new();
+        let acme = Tenant::new("acme").unwrap();
+        hub.publish(&frame("acme", 1, 1, Stream::TopN, "seen"));
+        hub.publish(&frame("acme", 1, 2, Stream::Totals, "unseen"));
+        let mailbox = Mailbox::new();
+        let after = Some(Position { run: 1, seq: 1 });
+        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Totals], after, &mailbox);
+        let snap = mailbox.take().unwrap();
+        assert_eq!(
+            &*snap.json, "unseen",
+            "only the snapshot after its last result"
+        );
+        assert_eq!(mailbox.take(), None);
+        // Re-emitted by a new owner after a restore: dropped for everyone.
+        hub.publish(&frame("acme", 2, 2, Stream::Totals, "unseen"));
+        assert_eq!(mailbox.take(), None);
+        hub.publish(&frame("acme", 2, 3, Stream::TopN, "new"));
+        assert_eq!(&*mailbox.take().unwrap().json, "new");
+    }
+
+    #[test]
     fn the_rendered_text_is_the_protocols_result_message() {
         use clickpulse_protocol::results::{ResultBody, ResultMsg};
         use clickpulse_protocol::ws::ServerMsg;
         let result = ResultMsg {
             tenant: Tenant::new("acme").unwrap(),
             epoch: 3,
+            run: 3,
             seq: 9,
             window_start_ms: 0,
             window_end_ms: 1_000,

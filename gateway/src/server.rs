@@ -572,7 +572,7 @@ async fn serve_client(
                         state.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                         let streams_before = registration.streams.clone();
                         let reply = match serde_json::from_str::<ClientMsg>(t.as_str()) {
-                            Ok(ClientMsg::Subscribe { streams, max_rate_hz }) => {
+                            Ok(ClientMsg::Subscribe { streams, max_rate_hz, after }) => {
                                 if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
                                     Some(ServerMsg::Error { code: ErrorCode::BadValue, message: "max_rate_hz must be a positive number".into() })
                                 } else {
@@ -582,7 +582,7 @@ async fn serve_client(
                                         Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
                                     });
                                     mailbox.set_min_interval(interval);
-                                    state.hub.subscribe(&tenant, client, &streams, &mailbox);
+                                    state.hub.subscribe(&tenant, client, &streams, after, &mailbox);
                                     for s in streams {
                                         if !registration.streams.contains(&s) {
                                             registration.streams.push(s);

@@ -108,6 +108,7 @@ fn result(tenant: &str, epoch: u64, seq: u64, views: u64) -> ResultMsg {
     ResultMsg {
         tenant: Tenant::new(tenant).unwrap(),
         epoch,
+        run: epoch,
         seq,
         window_start_ms: 0,
         window_end_ms: 300_000,

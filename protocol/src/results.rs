@@ -3,10 +3,11 @@
 //! The same JSON object travels in a ZeroMQ result frame (engine → gateway), is sent unchanged
 //! to browsers inside a WebSocket `result` message, and is written to `results.<tenant>`.
 //! Every result names its tenant, stream, window bounds, the watermark it was computed at, the
-//! ownership epoch of the job that computed it and its sequence number in that job's output.
+//! ownership epoch of the job that computed it, the run it belongs to and its sequence number in
+//! that run.
 //!
 //! ```json
-//! {"tenant":"acme","epoch":3,"seq":1042,"window_start_ms":938476800000,
+//! {"tenant":"acme","epoch":3,"run":2,"seq":1042,"window_start_ms":938476800000,
 //!  "window_end_ms":938477100000,"watermark_ms":938477100000,
 //!  "stream":"topn","data":{"n":10,"pages":[{"page":"frontpage","views":412},
 //!  {"page":"news","views":198}]}}
@@ -15,9 +16,16 @@
 //! In `results.<tenant>` (one partition, in emission order) a result is one record: the key is
 //! its stream's name (`"topn"`, see [`Stream::as_str`]), the value this JSON.
 //!
-//! Receivers order results by `(epoch, seq)`: a result whose epoch is older than the newest
-//! epoch seen for the tenant, or whose `seq` is not above the last one delivered in the same
-//! epoch, is a duplicate or comes from a fenced-off engine, and is dropped.
+//! **Runs and sequence numbers.** A job that starts afresh begins a *run*, named by its owner's
+//! epoch, and numbers its results 1, 2, 3…; a job that resumes from a checkpoint (a takeover
+//! after a crash, a hand-off) continues the run and its numbering, and re-emits, with the same
+//! `run` and `seq` and the same content, the results computed after the checkpoint. Runs only
+//! grow, since epochs do. Receivers therefore keep, per tenant, the newest epoch seen and the
+//! last `(run, seq)` delivered, and drop a result
+//!
+//! - whose `epoch` is older than the newest seen: it comes from a fenced-off owner;
+//! - whose `(run, seq)` is not above the last delivered (compared as a pair): a duplicate,
+//!   typically re-emitted after a restore.
 
 use std::borrow::Cow;
 
@@ -135,7 +143,12 @@ impl ResultBody {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultMsg {
     pub tenant: Tenant,
+    /// Ownership epoch of the job that computed it.
     pub epoch: u64,
+    /// The run: the epoch of the owner whose fresh start began this numbering.
+    #[serde(default)]
+    pub run: u64,
+    /// Position in the run, from 1.
     pub seq: u64,
     pub window_start_ms: i64,
     pub window_end_ms: i64,
@@ -153,6 +166,59 @@ impl ResultMsg {
         // Serializing plain data with string keys into a Vec cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// Where it stands in its tenant's output: receivers deliver in increasing order.
+    pub fn position(&self) -> (u64, u64) {
+        (self.run, self.seq)
+    }
+}
+
+/// A receiver's filter of one tenant's results (see the module docs): drops what an older
+/// owner sends and what was delivered already.
+///
+/// ```
+/// use clickpulse_protocol::results::{Admit, Order};
+/// let mut order = Order::default();
+/// assert_eq!(order.admit(3, 3, 1), Admit::Deliver);
+/// assert_eq!(order.admit(3, 3, 2), Admit::Deliver);
+/// // A new owner restored the run from a checkpoint and re-emits seq 2: a duplicate.
+/// assert_eq!(order.admit(4, 3, 2), Admit::Duplicate);
+/// assert_eq!(order.admit(4, 3, 3), Admit::Deliver);
+/// // The old owner, still running somewhere, is fenced off.
+/// assert_eq!(order.admit(3, 3, 4), Admit::StaleEpoch);
+/// // A later fresh start begins a new run at 1.
+/// assert_eq!(order.admit(6, 6, 1), Admit::Deliver);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Order {
+    pub epoch: u64,
+    pub run: u64,
+    pub seq: u64,
+}
+
+/// What [`Order::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Deliver,
+    /// Already delivered (same run, not a higher seq), or of an older run.
+    Duplicate,
+    /// From an owner older than one already heard from.
+    StaleEpoch,
+}
+
+impl Order {
+    pub fn admit(&mut self, epoch: u64, run: u64, seq: u64) -> Admit {
+        if epoch < self.epoch {
+            return Admit::StaleEpoch;
+        }
+        // Even a duplicate proves a newer owner exists: the older one is fenced from now on.
+        self.epoch = epoch;
+        if (run, seq) <= (self.run, self.seq) {
+            return Admit::Duplicate;
+        }
+        (self.run, self.seq) = (run, seq);
+        Admit::Deliver
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +229,7 @@ mod tests {
         ResultMsg {
             tenant: Tenant::new("acme").unwrap(),
             epoch: 3,
+            run: 2,
             seq: 1042,
             window_start_ms: 938_476_800_000,
             window_end_ms: 938_477_100_000,
@@ -185,7 +252,7 @@ mod tests {
 
     #[test]
     fn documented_json_example_parses_to_the_same_message() {
-        let doc = r#"{"tenant":"acme","epoch":3,"seq":1042,"window_start_ms":938476800000,
+        let doc = r#"{"tenant":"acme","epoch":3,"run":2,"seq":1042,"window_start_ms":938476800000,
             "window_end_ms":938477100000,"watermark_ms":938477100000,
             "stream":"topn","data":{"n":10,"pages":[{"page":"frontpage","views":412},
             {"page":"news","views":198}]}}"#;

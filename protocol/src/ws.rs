@@ -7,6 +7,7 @@
 //!
 //! ```json
 //! {"type":"subscribe","streams":["pageviews","topn"],"max_rate_hz":4}
+//! {"type":"subscribe","streams":["totals"],"after":{"run":2,"seq":5120}}
 //! {"type":"unsubscribe","streams":["topn"]}
 //! ```
 //!
@@ -14,13 +15,15 @@
 //!
 //! ```json
 //! {"type":"welcome","tenant":"acme","client":"c-17","gateway":"gw-1","streams":["pageviews","window","topn","sessions","totals"]}
-//! {"type":"result","snapshot":true,"result":{"tenant":"acme","epoch":1,"seq":5,…}}
+//! {"type":"result","snapshot":true,"result":{"tenant":"acme","epoch":1,"run":1,"seq":5,…}}
 //! {"type":"error","code":"bad_message","message":"expected a JSON object with a \"type\""}
 //! ```
 //!
 //! On `subscribe`, the latest result of each stream is sent at once with `"snapshot": true`,
 //! then live results with `"snapshot": false`. `max_rate_hz` caps how often one stream is sent
-//! to this client; newer results replace unsent older ones of the same stream.
+//! to this client; newer results replace unsent older ones of the same stream. `after` resumes a
+//! client that reconnects: nothing at or before that `(run, seq)` (see [`crate::results`]) is
+//! sent to it, snapshots included, so a result reaches it at most once across reconnects.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,10 +38,21 @@ pub enum ClientMsg {
         streams: Vec<Stream>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_rate_hz: Option<f64>,
+        /// The last result this client received (its `run` and `seq`), when it resumes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Position>,
     },
     Unsubscribe {
         streams: Vec<Stream>,
     },
+}
+
+/// A place in a tenant's output: a result's `run` and `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Position {
+    pub run: u64,
+    pub seq: u64,
 }
 
 /// Machine-readable error codes of an `error` message.
@@ -164,7 +178,20 @@ mod tests {
             sub,
             ClientMsg::Subscribe {
                 streams: vec![Stream::PageViews, Stream::TopN],
-                max_rate_hz: Some(4.0)
+                max_rate_hz: Some(4.0),
+                after: None,
+            }
+        );
+        let resume: ClientMsg = serde_json::from_str(
+            r#"{"type":"subscribe","streams":["totals"],"after":{"run":2,"seq":5120}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            resume,
+            ClientMsg::Subscribe {
+                streams: vec![Stream::Totals],
+                max_rate_hz: None,
+                after: Some(Position { run: 2, seq: 5120 }),
             }
         );
         let unsub: ClientMsg =
@@ -207,6 +234,7 @@ mod tests {
                 result: ResultMsg {
                     tenant: Tenant::new("acme").unwrap(),
                     epoch: 1,
+                    run: 1,
                     seq: 5,
                     window_start_ms: 0,
                     window_end_ms: 1000,

@@ -5,9 +5,9 @@
 //! fan out to without parsing the JSON; the JSON is forwarded to browsers as it is.
 //!
 //! ```text
-//! frame 0  b"cp1"                      tag and version of this frame layout
+//! frame 0  b"cp2"                      tag and version of this frame layout
 //! frame 1  tenant name (UTF-8)         e.g. b"acme"
-//! frame 2  16 bytes                    epoch (u64 BE) then seq (u64 BE)
+//! frame 2  24 bytes                    epoch, run, seq (each u64 BE; see `results`)
 //! frame 3  stream name (UTF-8)         e.g. b"topn"
 //! frame 4  result JSON                 a `results::ResultMsg`
 //! ```
@@ -15,11 +15,11 @@
 //! ```
 //! use clickpulse_protocol::zmq::ResultFrame;
 //! use clickpulse_protocol::{Tenant, results::Stream};
-//! let frame = ResultFrame { tenant: Tenant::new("acme").unwrap(), epoch: 3, seq: 9,
+//! let frame = ResultFrame { tenant: Tenant::new("acme").unwrap(), epoch: 3, run: 2, seq: 9,
 //!                           stream: Stream::TopN, json: b"{}".to_vec() };
 //! let parts = frame.encode();
-//! assert_eq!(parts[0], b"cp1");
-//! assert_eq!(parts[2], [0,0,0,0,0,0,0,3, 0,0,0,0,0,0,0,9]);
+//! assert_eq!(parts[0], b"cp2");
+//! assert_eq!(parts[2], [0,0,0,0,0,0,0,3, 0,0,0,0,0,0,0,2, 0,0,0,0,0,0,0,9]);
 //! assert_eq!(ResultFrame::decode(&parts).unwrap(), frame);
 //! ```
 
@@ -27,7 +27,10 @@ use crate::results::{ResultMsg, Stream};
 use crate::tenant::Tenant;
 
 /// Tag of frame 0.
-pub const FRAME_TAG: &[u8] = b"cp1";
+/// (`cp1`, without the run, is refused: engines and gateways of one deployment share a version.)
+pub const FRAME_TAG: &[u8] = b"cp2";
+/// Length of frame 2.
+pub const HEADER_LEN: usize = 24;
 /// Number of frames in a result message.
 pub const FRAME_COUNT: usize = 5;
 /// Largest JSON payload a gateway accepts; larger frames are dropped and counted.
@@ -38,6 +41,7 @@ pub const MAX_JSON_LEN: usize = 1 << 20;
 pub struct ResultFrame {
     pub tenant: Tenant,
     pub epoch: u64,
+    pub run: u64,
     pub seq: u64,
     pub stream: Stream,
     pub json: Vec<u8>,
@@ -48,11 +52,11 @@ pub struct ResultFrame {
 pub enum FrameError {
     #[error("message has {0} frames; a result has {FRAME_COUNT}")]
     FrameCount(usize),
-    #[error("frame 0 is not the tag \"cp1\"")]
+    #[error("frame 0 is not the tag \"cp2\"")]
     BadTag,
     #[error("bad tenant in frame 1: {0}")]
     BadTenant(String),
-    #[error("frame 2 has {0} bytes; epoch and seq take 16")]
+    #[error("frame 2 has {0} bytes; epoch, run and seq take {HEADER_LEN}")]
     BadHeader(usize),
     #[error("unknown stream {0:?} in frame 3")]
     UnknownStream(String),
@@ -66,6 +70,7 @@ impl ResultFrame {
         ResultFrame {
             tenant: msg.tenant.clone(),
             epoch: msg.epoch,
+            run: msg.run,
             seq: msg.seq,
             stream: msg.stream(),
             json: msg.to_json(),
@@ -73,8 +78,9 @@ impl ResultFrame {
     }
 
     pub fn encode(&self) -> Vec<Vec<u8>> {
-        let mut header = Vec::with_capacity(16);
+        let mut header = Vec::with_capacity(HEADER_LEN);
         header.extend_from_slice(&self.epoch.to_be_bytes());
+        header.extend_from_slice(&self.run.to_be_bytes());
         header.extend_from_slice(&self.seq.to_be_bytes());
         vec![
             FRAME_TAG.to_vec(),
@@ -97,13 +103,14 @@ impl ResultFrame {
             .map_err(|_| FrameError::BadTenant("not UTF-8".into()))
             .and_then(|t| Tenant::new(t).map_err(|e| FrameError::BadTenant(e.to_string())))?;
         let header = header.as_ref();
-        if header.len() != 16 {
+        if header.len() != HEADER_LEN {
             return Err(FrameError::BadHeader(header.len()));
         }
-        let mut epoch = [0u8; 8];
-        let mut seq = [0u8; 8];
-        epoch.copy_from_slice(&header[..8]);
-        seq.copy_from_slice(&header[8..]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&header[i..i + 8]);
+            u64::from_be_bytes(b)
+        };
         let stream_name = String::from_utf8_lossy(stream.as_ref());
         let stream = Stream::parse(&stream_name)
             .ok_or_else(|| FrameError::UnknownStream(stream_name.into()))?;
@@ -113,8 +120,9 @@ impl ResultFrame {
         }
         Ok(ResultFrame {
             tenant,
-            epoch: u64::from_be_bytes(epoch),
-            seq: u64::from_be_bytes(seq),
+            epoch: u64_at(0),
+            run: u64_at(8),
+            seq: u64_at(16),
             stream,
             json: json.to_vec(),
         })
@@ -130,6 +138,7 @@ mod tests {
         let msg = ResultMsg {
             tenant: Tenant::new("acme").unwrap(),
             epoch: 2,
+            run: 1,
             seq: 77,
             window_start_ms: 0,
             window_end_ms: 1000,
@@ -151,8 +160,8 @@ mod tests {
         assert_eq!(back, frame);
         let msg: ResultMsg = serde_json::from_slice(&back.json).unwrap();
         assert_eq!(
-            (msg.epoch, msg.seq, msg.stream()),
-            (2, 77, Stream::PageViews)
+            (msg.epoch, msg.run, msg.seq, msg.stream()),
+            (2, 1, 77, Stream::PageViews)
         );
     }
 

@@ -1,7 +1,8 @@
 // One WebSocket to the gateway that reconnects by itself (exponential backoff with full
-// jitter) and subscribes again after every welcome.
+// jitter) and subscribes again after every welcome, resuming after the last result it got so
+// nothing reaches the page twice.
 
-import { FINAL_CLOSE, SUBPROTOCOL, type ClientMsg, type ServerMsg, type Stream } from "./protocol";
+import { FINAL_CLOSE, SUBPROTOCOL, type ClientMsg, type Position, type ServerMsg, type Stream } from "./protocol";
 
 export type ConnState =
   | { kind: "connecting"; attempt: number }
@@ -26,6 +27,7 @@ export class Connection {
   private attempt = 0;
   private timer: number | undefined;
   private closedByUs = false;
+  private last: Position | undefined;
 
   constructor(private readonly opts: ConnectionOptions) {}
 
@@ -62,8 +64,19 @@ export class Connection {
       }
       if (msg.type === "welcome") {
         this.attempt = 0;
-        this.send({ type: "subscribe", streams: this.opts.streams, max_rate_hz: this.opts.maxRateHz });
+        this.send({
+          type: "subscribe",
+          streams: this.opts.streams,
+          max_rate_hz: this.opts.maxRateHz,
+          ...(this.last ? { after: this.last } : {}),
+        });
         this.opts.onState({ kind: "live", gateway: msg.gateway, client: msg.client });
+      }
+      if (msg.type === "result") {
+        const { run, seq } = msg.result;
+        if (!this.last || run > this.last.run || (run === this.last.run && seq > this.last.seq)) {
+          this.last = { run, seq };
+        }
       }
       this.opts.onMessage(msg);
     };

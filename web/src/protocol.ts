@@ -33,6 +33,8 @@ export interface Totals {
 interface ResultHead {
   tenant: string;
   epoch: number;
+  /** The run (`protocol::results`): results are ordered by (run, seq). */
+  run: number;
   seq: number;
   window_start_ms: number;
   window_end_ms: number;
@@ -53,8 +55,14 @@ export type ServerMsg =
   | { type: "result"; snapshot: boolean; result: Result }
   | { type: "error"; code: string; message: string };
 
+/** A place in a tenant's output: a resuming client gets nothing at or before it. */
+export interface Position {
+  run: number;
+  seq: number;
+}
+
 export type ClientMsg =
-  | { type: "subscribe"; streams: Stream[]; max_rate_hz?: number }
+  | { type: "subscribe"; streams: Stream[]; max_rate_hz?: number; after?: Position }
   | { type: "unsubscribe"; streams: Stream[] };
 
 /** Close codes (`protocol::ws::CloseCode`) after which reconnecting cannot help. */

@@ -68,6 +68,14 @@ pub struct EngineArgs {
     /// Allowed lateness of events behind the newest, seconds.
     #[arg(long, default_value_t = 5.0)]
     lateness: f64,
+    /// Seconds between a job's checkpoints to `state.<tenant>`; 0 turns checkpoints (and
+    /// resuming them after a takeover) off.
+    #[arg(long, env = "CLICKPULSE_CHECKPOINT_INTERVAL", default_value_t = 5.0)]
+    checkpoint_interval: f64,
+    /// A job reading one window back resumes a checkpoint at most this old, seconds; an older
+    /// one starts afresh from the newest window (`--from earliest` always resumes).
+    #[arg(long, env = "CLICKPULSE_RESUME_MAX_AGE", default_value_t = 600.0)]
+    resume_max_age: f64,
 }
 
 fn millis(flag: &str, s: f64) -> anyhow::Result<i64> {
@@ -108,6 +116,12 @@ pub async fn engine(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Re
         From::Earliest => StartFrom::Earliest,
     };
     config.idle_timeout = seconds("idle-timeout", args.idle_timeout)?;
+    config.checkpoint_interval = if args.checkpoint_interval == 0.0 {
+        None
+    } else {
+        Some(seconds("checkpoint-interval", args.checkpoint_interval)?)
+    };
+    config.resume_max_age = seconds("resume-max-age", args.resume_max_age)?;
     config.operators = operators;
     let engine = clickpulse_engine::control::start(config, shutdown).await?;
     eprintln!("engine {} running; jobs start when clients watch", args.id);

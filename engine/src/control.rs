@@ -55,8 +55,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::OperatorConfig;
-use crate::job::{JobConfig, JobReport, StartFrom, run_job};
+use crate::job::{JobConfig, JobReport, StartFrom, StopNote, run_job};
 use crate::links::{Frames, LinkStats, Links};
+use clickpulse_protocol::state::Stopped;
 
 /// Settings of one engine.
 #[derive(Debug, Clone)]
@@ -79,6 +80,10 @@ pub struct EngineConfig {
     pub data_dir: PathBuf,
     /// A tenant with clients but no owner for this long is claimed by any engine.
     pub claim_grace: Duration,
+    /// How often jobs checkpoint to `state.<tenant>` (`None`: never; no resume either).
+    pub checkpoint_interval: Option<Duration>,
+    /// A job reading one window back resumes a checkpoint only up to this old.
+    pub resume_max_age: Duration,
 }
 
 impl EngineConfig {
@@ -96,6 +101,8 @@ impl EngineConfig {
             idle_timeout: Duration::from_secs(2),
             data_dir,
             claim_grace: Duration::from_secs(1),
+            checkpoint_interval: Some(Duration::from_secs(5)),
+            resume_max_age: Duration::from_secs(600),
         }
     }
 }
@@ -244,6 +251,9 @@ struct Job {
     clients: usize,
     linger_until: Option<Instant>,
     cancel: CancellationToken,
+    /// Cancels the job if the coordinator goes away without stopping it.
+    _guard: tokio_util::sync::DropGuard,
+    stop: StopNote,
     handle: JoinHandle<()>,
     gateways: watch::Sender<Vec<String>>,
     first_result: watch::Receiver<bool>,
@@ -603,7 +613,7 @@ impl Coordinator {
                         && *session == my_session
                 });
             if !ours {
-                self.stop_job(&tenant, "owner node no longer ours (fenced)")
+                self.stop_job(&tenant, "owner node no longer ours (fenced)", None)
                     .await;
                 continue;
             }
@@ -686,7 +696,7 @@ impl Coordinator {
             }
         }
         if next == JobState::Stopping {
-            self.stop_and_release(tenant, "no clients after the linger")
+            self.stop_and_release(tenant, "no clients after the linger", Some(Stopped::Linger))
                 .await;
         }
     }
@@ -704,7 +714,10 @@ impl Coordinator {
         tracing::info!(%tenant, epoch, at_ms = now_ms(), engine = %self.config.id, "ownership acquired");
         let (gateways_tx, gateways_rx) = watch::channel(t.gateways());
         let (first_tx, first_result) = watch::channel(false);
-        let cancel = self.shutdown.child_token();
+        // Not a child of the engine's shutdown: on shutdown the coordinator stops each job
+        // itself, after telling it why (a hand-off writes a last checkpoint).
+        let cancel = CancellationToken::new();
+        let stop = StopNote::default();
         let job_config = JobConfig {
             tenant: tenant.clone(),
             epoch,
@@ -713,6 +726,10 @@ impl Coordinator {
             start: self.config.start,
             idle_timeout: self.config.idle_timeout,
             history_path: self.config.data_dir.join(format!("{tenant}.history.redb")),
+            checkpoint_interval: self.config.checkpoint_interval,
+            resume_max_age: self.config.resume_max_age,
+            stop: stop.clone(),
+            live: Some(first_tx.clone()),
         };
         let handle = tokio::spawn(job_task(
             job_config,
@@ -731,7 +748,9 @@ impl Coordinator {
                 since_ms: now_ms(),
                 clients: t.clients.len(),
                 linger_until: None,
+                _guard: cancel.clone().drop_guard(),
                 cancel,
+                stop,
                 handle,
                 gateways: gateways_tx,
                 first_result,
@@ -740,10 +759,14 @@ impl Coordinator {
     }
 
     /// Stops a job and waits (bounded) for it; the owner node is the caller's business.
-    async fn stop_job(&mut self, tenant: &Tenant, reason: &str) {
+    /// `why` is what its last checkpoint says; `None` (fenced) writes none.
+    async fn stop_job(&mut self, tenant: &Tenant, reason: &str, why: Option<Stopped>) {
         let Some(job) = self.jobs.remove(tenant) else {
             return;
         };
+        if let Some(why) = why {
+            job.stop.set(why);
+        }
         job.cancel.cancel();
         tracing::info!(%tenant, epoch = job.epoch, at_ms = now_ms(), engine = %self.config.id, reason, "ownership released");
         if tokio::time::timeout(Duration::from_secs(10), job.handle)
@@ -757,8 +780,8 @@ impl Coordinator {
 
     /// Stops a job this engine owns and deletes its owner node at once, so the tenant is free
     /// for the next claim without waiting for this session to expire.
-    async fn stop_and_release(&mut self, tenant: &Tenant, reason: &str) {
-        self.stop_job(tenant, reason).await;
+    async fn stop_and_release(&mut self, tenant: &Tenant, reason: &str, why: Option<Stopped>) {
+        self.stop_job(tenant, reason, why).await;
         if let Ok(client) = self.session.client()
             && let Err(error) = release_owner(&client, &self.config.layout, tenant).await
         {
@@ -773,7 +796,7 @@ impl Coordinator {
             tracing::warn!(jobs = tenants.len(), reason, "stopping every job");
         }
         for tenant in tenants {
-            self.stop_job(&tenant, reason).await;
+            self.stop_job(&tenant, reason, None).await;
         }
         self.publish_status();
     }
@@ -800,7 +823,7 @@ impl Coordinator {
         }
         self.retry
             .insert(exit.tenant.clone(), (Instant::now() + backoff, backoff));
-        self.stop_and_release(&exit.tenant, "job ended").await;
+        self.stop_and_release(&exit.tenant, "job ended", None).await;
     }
 
     /// Graceful shutdown: stop every job and delete its owner node at once, so another engine
@@ -808,8 +831,12 @@ impl Coordinator {
     async fn hand_off(mut self) {
         let tenants: Vec<Tenant> = self.jobs.keys().cloned().collect();
         for tenant in &tenants {
-            self.stop_and_release(tenant, "engine shutting down (hand-off)")
-                .await;
+            self.stop_and_release(
+                tenant,
+                "engine shutting down (hand-off)",
+                Some(Stopped::HandOff),
+            )
+            .await;
         }
         self.publish_status();
         self.links.close();

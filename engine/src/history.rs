@@ -15,38 +15,49 @@
 //! Why redb: a maintained, pure-Rust embedded store (no C++ build on 2 cores, unlike RocksDB),
 //! ACID with a stable file format, one file per tenant, and fast point reads — the access
 //! pattern here is batched upserts and point lookups, no scans.
+//!
+//! **Idempotent by design**, so a job restored from a checkpoint can share a store that already
+//! holds updates made after that checkpoint (the changelog on `state.<tenant>` is written as
+//! updates happen, not only at checkpoints): a closed session is folded in only if it ended
+//! after the summary's `last_seen_ms` (a visitor's sessions never overlap), and a session
+//! opening at `t` is a returning visitor's only if the first session closed at or before `t`.
+//! In a run without restores both rules change nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::bloom::Bloom;
 
-/// A visitor's lifetime summary.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct History {
-    pub sessions: u32,
-    pub views: u32,
-    pub last_seen_ms: i64,
+/// A visitor's lifetime summary (on the wire: `clickpulse_protocol::state::VisitorHistory`).
+pub type History = clickpulse_protocol::state::VisitorHistory;
+
+/// Folds one session, closed at `closed_ms` with its last view at `last_ms`, into a summary;
+/// `None` when the summary already holds it (it ended at or before `last_seen_ms`).
+pub fn fold(prev: Option<History>, views: u32, last_ms: i64, closed_ms: i64) -> Option<History> {
+    match prev {
+        Some(h) if h.last_seen_ms >= last_ms => None,
+        Some(h) => Some(History {
+            sessions: h.sessions.saturating_add(1),
+            views: h.views.saturating_add(views),
+            last_seen_ms: last_ms,
+            first_close_ms: h.first_close_ms.min(closed_ms),
+        }),
+        None => Some(History {
+            sessions: 1,
+            views,
+            last_seen_ms: last_ms,
+            first_close_ms: closed_ms,
+        }),
+    }
 }
 
-impl History {
-    /// Folds one closed session into the summary.
-    pub fn fold(prev: Option<History>, views: u32, last_ms: i64) -> History {
-        let prev = prev.unwrap_or(History {
-            sessions: 0,
-            views: 0,
-            last_seen_ms: i64::MIN,
-        });
-        History {
-            sessions: prev.sessions.saturating_add(1),
-            views: prev.views.saturating_add(views),
-            last_seen_ms: prev.last_seen_ms.max(last_ms),
-        }
-    }
+/// Whether a session opening at `t` is a returning visitor's.
+pub fn returning(history: Option<History>, t: i64) -> bool {
+    history.is_some_and(|h| h.first_close_ms <= t)
 }
 
 /// A failure of the history store. Retrying may help when the disk is full or busy; the job
@@ -62,6 +73,28 @@ pub trait HistoryStore {
         &mut self,
         batch: &mut dyn Iterator<Item = (u64, History)>,
     ) -> Result<(), StoreError>;
+    /// Like [`Self::put_batch`], but keeps a stored summary that is newer (a later
+    /// `last_seen_ms`): how a restore merges the changelog into a store that may be ahead.
+    fn merge_batch(
+        &mut self,
+        batch: &mut dyn Iterator<Item = (u64, History)>,
+    ) -> Result<(), StoreError> {
+        let mut newer = Vec::new();
+        for (visitor, h) in batch {
+            if self
+                .get(visitor)?
+                .is_none_or(|old| old.last_seen_ms < h.last_seen_ms)
+            {
+                newer.push((visitor, h));
+            }
+        }
+        self.put_batch(&mut newer.into_iter())
+    }
+    /// Updates written since the last call, in write order: the history changelog the job
+    /// sends to `state.<tenant>` (empty for stores that keep none).
+    fn take_changes(&mut self) -> Vec<(u64, History)> {
+        Vec::new()
+    }
     /// Bytes the store occupies (file size on disk, or exact heap use in memory).
     fn bytes(&self) -> u64;
 }
@@ -90,7 +123,14 @@ impl HistoryStore for MemStore {
     }
 }
 
-const TABLE: TableDefinition<u64, (u32, u32, i64)> = TableDefinition::new("visitor_history");
+/// Visitor → (sessions, views, last_seen_ms, first_close_ms). (Files of an earlier version hold
+/// a `visitor_history` table without the close time; it is left alone and history starts over.)
+const TABLE: TableDefinition<u64, (u32, u32, i64, i64)> =
+    TableDefinition::new("visitor_history_v2");
+
+fn row(h: &History) -> (u32, u32, i64, i64) {
+    (h.sessions, h.views, h.last_seen_ms, h.first_close_ms)
+}
 
 /// On-disk store: one redb file.
 pub struct RedbStore {
@@ -117,16 +157,44 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// One write transaction; with `keep_newer`, a stored summary with a later `last_seen_ms`
+    /// stays.
+    fn write(
+        &mut self,
+        batch: &mut dyn Iterator<Item = (u64, History)>,
+        keep_newer: bool,
+    ) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(store_err)?;
+        {
+            let mut table = txn.open_table(TABLE).map_err(store_err)?;
+            for (visitor, h) in batch {
+                if keep_newer
+                    && table
+                        .get(visitor)
+                        .map_err(store_err)?
+                        .is_some_and(|old| old.value().2 >= h.last_seen_ms)
+                {
+                    continue;
+                }
+                table.insert(visitor, row(&h)).map_err(store_err)?;
+            }
+        }
+        txn.commit().map_err(store_err)
+    }
+}
+
 impl HistoryStore for RedbStore {
     fn get(&mut self, visitor: u64) -> Result<Option<History>, StoreError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let table = txn.open_table(TABLE).map_err(store_err)?;
         Ok(table.get(visitor).map_err(store_err)?.map(|v| {
-            let (sessions, views, last_seen_ms) = v.value();
+            let (sessions, views, last_seen_ms, first_close_ms) = v.value();
             History {
                 sessions,
                 views,
                 last_seen_ms,
+                first_close_ms,
             }
         }))
     }
@@ -135,20 +203,70 @@ impl HistoryStore for RedbStore {
         &mut self,
         batch: &mut dyn Iterator<Item = (u64, History)>,
     ) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(store_err)?;
-        {
-            let mut table = txn.open_table(TABLE).map_err(store_err)?;
-            for (visitor, h) in batch {
-                table
-                    .insert(visitor, (h.sessions, h.views, h.last_seen_ms))
-                    .map_err(store_err)?;
-            }
-        }
-        txn.commit().map_err(store_err)
+        self.write(batch, false)
+    }
+
+    fn merge_batch(
+        &mut self,
+        batch: &mut dyn Iterator<Item = (u64, History)>,
+    ) -> Result<(), StoreError> {
+        self.write(batch, true)
     }
 
     fn bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// A store that also keeps every update it writes, for the job to send to `state.<tenant>`
+/// (see [`HistoryStore::take_changes`]).
+pub struct Changelog<S> {
+    inner: S,
+    changes: Vec<(u64, History)>,
+}
+
+impl<S> Changelog<S> {
+    pub fn new(inner: S) -> Self {
+        Changelog {
+            inner,
+            changes: Vec::new(),
+        }
+    }
+
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+}
+
+impl<S: HistoryStore> HistoryStore for Changelog<S> {
+    fn get(&mut self, visitor: u64) -> Result<Option<History>, StoreError> {
+        self.inner.get(visitor)
+    }
+
+    fn put_batch(
+        &mut self,
+        batch: &mut dyn Iterator<Item = (u64, History)>,
+    ) -> Result<(), StoreError> {
+        let start = self.changes.len();
+        self.changes.extend(batch);
+        self.inner
+            .put_batch(&mut self.changes[start..].iter().copied())
+    }
+
+    /// A restore's merge is not a change of this job's: not in the changelog.
+    fn merge_batch(
+        &mut self,
+        batch: &mut dyn Iterator<Item = (u64, History)>,
+    ) -> Result<(), StoreError> {
+        self.inner.merge_batch(batch)
+    }
+
+    fn take_changes(&mut self) -> Vec<(u64, History)> {
+        std::mem::take(&mut self.changes)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.inner.bytes()
     }
 }
 
@@ -233,6 +351,12 @@ impl HistoryState {
         store.get(visitor)
     }
 
+    /// Notes that the store has history for `visitor` (a session already folded in), so later
+    /// lookups go past the Bloom filter.
+    pub fn note(&mut self, visitor: u64) {
+        self.bloom.insert(visitor);
+    }
+
     pub fn record(
         &mut self,
         store: &mut dyn HistoryStore,
@@ -275,33 +399,44 @@ mod tests {
     fn roundtrip(store: &mut dyn HistoryStore) {
         let mut state = HistoryState::new(1000, 0.01, 2);
         assert_eq!(state.lookup(store, 7).unwrap(), None);
-        let h = History::fold(None, 3, 100);
+        let h = fold(None, 3, 100, 130).unwrap();
         state.record(store, 7, h).unwrap();
         assert_eq!(
             state.lookup(store, 7).unwrap(),
             Some(h),
             "served from pending updates"
         );
-        state.record(store, 8, History::fold(None, 1, 5)).unwrap(); // batch of 2: flushed
+        state
+            .record(store, 8, fold(None, 1, 5, 35).unwrap())
+            .unwrap(); // batch of 2: flushed
         assert_eq!(store.get(7).unwrap(), Some(h));
         assert_eq!(
             state.lookup(store, 7).unwrap(),
             Some(h),
             "served from the store"
         );
-        let h2 = History::fold(Some(h), 2, 200);
+        let h2 = fold(Some(h), 2, 200, 230).unwrap();
         assert_eq!(
             h2,
             History {
                 sessions: 2,
                 views: 5,
-                last_seen_ms: 200
+                last_seen_ms: 200,
+                first_close_ms: 130,
             }
         );
         let stats = state.stats();
         assert_eq!(stats.lookups, 3);
         assert_eq!(stats.bloom_skips, 1);
         assert_eq!(stats.store_reads, 1);
+
+        // Merging keeps whichever summary is newer.
+        let older = fold(None, 1, 50, 80).unwrap();
+        store
+            .merge_batch(&mut [(7, older), (9, older)].into_iter())
+            .unwrap();
+        assert_eq!(store.get(7).unwrap(), Some(h), "the stored one is newer");
+        assert_eq!(store.get(9).unwrap(), Some(older));
     }
 
     #[test]
@@ -314,5 +449,31 @@ mod tests {
         let mut reopened = RedbStore::open(&path).unwrap();
         assert_eq!(reopened.get(7).unwrap().map(|h| h.views), Some(3));
         assert!(reopened.bytes() > 0);
+    }
+
+    #[test]
+    fn folding_is_idempotent_and_returning_follows_the_first_close() {
+        let first = fold(None, 4, 1_000, 2_800).unwrap();
+        let second = fold(Some(first), 2, 5_000, 6_800).unwrap();
+        // A store ahead of the replay (it holds both sessions) folds neither again.
+        assert_eq!(fold(Some(second), 4, 1_000, 2_800), None);
+        assert_eq!(fold(Some(second), 2, 5_000, 6_800), None);
+        // The first session, opening at 0 while the store already knows the visitor, is new.
+        assert!(!returning(Some(second), 0));
+        assert!(
+            returning(Some(second), 2_800),
+            "the close fires before views at that time"
+        );
+        assert!(!returning(None, 10_000));
+    }
+
+    #[test]
+    fn the_changelog_store_hands_out_every_update_once() {
+        let mut store = Changelog::new(MemStore::default());
+        let h = fold(None, 1, 1, 2).unwrap();
+        store.put_batch(&mut [(1, h), (2, h)].into_iter()).unwrap();
+        assert_eq!(store.get(2).unwrap(), Some(h));
+        assert_eq!(store.take_changes(), vec![(1, h), (2, h)]);
+        assert_eq!(store.take_changes(), vec![]);
     }
 }

@@ -21,10 +21,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clickpulse_protocol::dead::SourcePosition;
 use clickpulse_protocol::results::ResultMsg;
+use clickpulse_protocol::state::{Key, MANIFEST_VERSION, Manifest, PartitionOffset, Stopped};
+use clickpulse_protocol::zk::now_ms;
 use clickpulse_protocol::{ClickRef, Tenant, topics};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -33,8 +36,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint::{self, CheckpointError, Found, Scan};
 use crate::config::OperatorConfig;
-use crate::history::RedbStore;
+use crate::history::{Changelog, HistoryStore, RedbStore};
 use crate::output::{Output, OutputError};
 use crate::pipeline::{Admission, EngineError, Pipeline};
 
@@ -64,6 +68,52 @@ pub struct JobConfig {
     pub idle_timeout: Duration,
     /// The visitor-history file of this tenant.
     pub history_path: PathBuf,
+    /// How often the job checkpoints to `state.<tenant>`; `None`: never, and it resumes no
+    /// checkpoint either.
+    pub checkpoint_interval: Option<Duration>,
+    /// A job reading one window back resumes a checkpoint only up to this old (older, it starts
+    /// afresh from the newest window instead of catching up).
+    pub resume_max_age: Duration,
+    /// Why the job is being stopped, told before `shutdown` is cancelled: a job stopped after
+    /// the linger or handed off writes a last checkpoint saying so; one stopped without a word
+    /// (fenced: it may no longer own the tenant) writes nothing more.
+    pub stop: StopNote,
+    /// Set once the job is live: its first result is out, or it has read every partition to
+    /// its end (a resumed job may have nothing new to say).
+    pub live: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+impl JobConfig {
+    /// The defaults for everything but the tenant, epoch, brokers and history file.
+    pub fn new(tenant: Tenant, epoch: u64, brokers: &str, history_path: PathBuf) -> Self {
+        JobConfig {
+            tenant,
+            epoch,
+            brokers: brokers.to_owned(),
+            operators: OperatorConfig::default(),
+            start: StartFrom::LatestWindow,
+            idle_timeout: Duration::from_secs(2),
+            history_path,
+            checkpoint_interval: Some(Duration::from_secs(5)),
+            resume_max_age: Duration::from_secs(600),
+            stop: StopNote::default(),
+            live: None,
+        }
+    }
+}
+
+/// How a job is being stopped (see [`JobConfig::stop`]).
+#[derive(Debug, Clone, Default)]
+pub struct StopNote(Arc<Mutex<Option<Stopped>>>);
+
+impl StopNote {
+    pub fn set(&self, why: Stopped) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    pub fn get(&self) -> Option<Stopped> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Why a job stopped with an error.
@@ -83,6 +133,8 @@ pub enum JobError {
     StartUp(String),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
 }
 
 /// What a job did, reported when it stops.
@@ -95,6 +147,13 @@ pub struct JobReport {
     pub results: u64,
     /// Records of `results.<tenant>` and `dead.<tenant>` the broker did not take.
     pub output_failures: u64,
+    /// Checkpoints written.
+    pub checkpoints: u64,
+    /// The checkpoint it resumed, `(epoch, n)`, if any.
+    pub resumed: Option<(u64, u64)>,
+    /// Records read again after a resume and skipped, being older than the checkpoint (a
+    /// broker that serves fetches from batch starts only).
+    pub skipped: u64,
 }
 
 /// Runs a tenant job until `shutdown` is cancelled.
@@ -116,13 +175,14 @@ pub async fn run_job(
         .create_with_context(JobContext)?;
     let seek_started = std::time::Instant::now();
     // Both block (metadata, offset look-ups, topic creation): off the async workers, and side
-    // by side, as neither needs the other.
+    // by side, as neither needs the other. The start reads the checkpoints first: a job that
+    // resumes one needs no seek.
     let seek = {
-        let (name, start, ops) = (topic.clone(), config.start, config.operators.clone());
-        let brokers = config.brokers.clone();
+        let config = config.clone();
+        let name = topic.clone();
         tokio::task::spawn_blocking(move || {
-            let assigned = assign(&consumer, &brokers, &name, start, &ops);
-            (consumer, assigned)
+            let started = start(&consumer, &config, &name);
+            (consumer, started)
         })
     };
     let output = {
@@ -130,24 +190,61 @@ pub async fn run_job(
         tokio::task::spawn_blocking(move || Output::connect(&brokers, &tenant))
     };
     let (seek, output) = tokio::join!(seek, output);
-    let (consumer, assigned) = seek.map_err(|e| JobError::StartUp(e.to_string()))?;
-    let (partitions, from_ms) = assigned?;
-    let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
-    let store = RedbStore::open(&config.history_path).map_err(EngineError::from)?;
-    let mut pipeline = Pipeline::new(
-        config.tenant.clone(),
-        config.epoch,
+    let (consumer, started) = seek.map_err(|e| JobError::StartUp(e.to_string()))?;
+    let Started {
         partitions,
-        config.operators.clone(),
+        from_ms,
+        offsets,
+        skip_below,
         store,
-    )?;
+        resumed,
+        obsolete,
+    } = started?;
+    let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
+    let mut report = JobReport::default();
+    let mut pipeline = match &resumed {
+        Some(found) => {
+            let state =
+                Pipeline::<RedbStore>::state_from_bytes(&checkpoint::unpack(&found.packed)?)?;
+            report.resumed = Some((found.manifest.epoch, found.manifest.n));
+            Pipeline::restore(config.tenant.clone(), config.epoch, state, store)
+        }
+        None => Pipeline::new(
+            config.tenant.clone(),
+            config.epoch,
+            partitions,
+            config.operators.clone(),
+            store,
+        )?,
+    };
     if let Some(from_ms) = from_ms {
         pipeline.backfill_from(from_ms);
     }
+    let mut checkpoints = Checkpoints {
+        epoch: config.epoch,
+        n: 0,
+        previous: resumed.map(|f| f.manifest),
+        obsolete,
+        positions: offsets.into_iter().collect(),
+    };
     let seek_ms = seek_started.elapsed().as_millis() as u64;
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, partitions, from_ms, seek_ms, "job started");
+    tracing::info!(
+        tenant = %config.tenant,
+        epoch = config.epoch,
+        run = pipeline.run(),
+        seq = pipeline.seq(),
+        partitions,
+        from_ms,
+        resumed = ?report.resumed,
+        seek_ms,
+        "job started"
+    );
+    let mut checkpoint_tick = config.checkpoint_interval.map(|every| {
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    });
 
-    let mut report = JobReport::default();
     let mut last_seen = vec![Instant::now(); partitions];
     let mut idle = vec![false; partitions];
     let mut at_end = vec![false; partitions];
@@ -166,6 +263,11 @@ pub async fn run_job(
                             continue;
                         };
                         at_end[p] = true;
+                        if at_end.iter().all(|&e| e)
+                            && let Some(live) = &config.live
+                        {
+                            live.send_if_modified(|l| !std::mem::replace(l, true));
+                        }
                         // A partition with nothing at all since the start position holds
                         // nothing back: idle at once, so a starting job's first results do
                         // not wait for the idle timeout.
@@ -178,7 +280,12 @@ pub async fn run_job(
                     }
                     Err(e) => return Err(e.into()),
                 };
+                if skip_below.get(&message.partition()).is_some_and(|&next| message.offset() < next) {
+                    report.skipped += 1;
+                    continue;
+                }
                 report.records += 1;
+                checkpoints.positions.insert(message.partition(), message.offset() + 1);
                 let partition = usize::try_from(message.partition()).unwrap_or(0);
                 if let Some(seen) = last_seen.get_mut(partition) {
                     *seen = Instant::now();
@@ -212,6 +319,10 @@ pub async fn run_job(
                     output.dead_letter(message.key(), message.payload(), &reason, &source).await?;
                 }
             }
+            _ = tick_of(&mut checkpoint_tick) => {
+                checkpoints.write(&mut pipeline, &output, None).await?;
+                report.checkpoints += 1;
+            }
             _ = idle_check.tick() => {
                 // Idle: at its end and nothing delivered for the idle timeout. A partition that
                 // has delivered nothing at all and reported no end either (a batch-serving
@@ -230,12 +341,337 @@ pub async fn run_job(
         }
         emit(&mut pipeline, &output, &results, &mut report).await?;
     }
-    pipeline.flush_history()?;
+    match config.stop.get() {
+        Some(why) if checkpoint_tick.is_some() => {
+            checkpoints.write(&mut pipeline, &output, Some(why)).await?;
+            report.checkpoints += 1;
+        }
+        _ => pipeline.flush_history()?,
+    }
     report.output_failures = tokio::task::spawn_blocking(move || output.flush(OUTPUT_FLUSH))
         .await
         .unwrap_or(0);
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, "job stopped");
+    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
     Ok(report)
+}
+
+async fn tick_of(tick: &mut Option<tokio::time::Interval>) {
+    match tick {
+        Some(tick) => {
+            tick.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The job's pipeline: visitor history in redb, every update also kept for the changelog.
+type JobPipeline = Pipeline<Changelog<RedbStore>>;
+
+/// The checkpoints a job writes (see [`crate::checkpoint`]).
+struct Checkpoints {
+    epoch: u64,
+    /// Checkpoints this job wrote.
+    n: u64,
+    /// The newest complete checkpoint on the topic: the one resumed, then this job's last.
+    previous: Option<Manifest>,
+    /// Older owners' manifests, deleted once this job's first checkpoint is in.
+    obsolete: Vec<Manifest>,
+    /// Per partition, the first offset not yet processed.
+    positions: HashMap<i32, i64>,
+}
+
+impl Checkpoints {
+    /// Writes the history changelog, then the operator state, then the manifest (the order a
+    /// restore relies on), then deletes what the new manifest makes obsolete.
+    async fn write(
+        &mut self,
+        pipeline: &mut JobPipeline,
+        output: &Output,
+        stopped: Option<Stopped>,
+    ) -> Result<(), JobError> {
+        let started = std::time::Instant::now();
+        pipeline.flush_history()?;
+        let changes = pipeline.store_mut().take_changes();
+        for (visitor, h) in &changes {
+            output
+                .state(&Key::History(*visitor).encode(), Some(&h.encode()))
+                .await?;
+        }
+        let packed = checkpoint::pack(&pipeline.snapshot_bytes()?)?;
+        let mut offsets: Vec<PartitionOffset> = self
+            .positions
+            .iter()
+            .map(|(&partition, &next)| PartitionOffset { partition, next })
+            .collect();
+        offsets.sort_by_key(|o| o.partition);
+        self.n += 1;
+        let mut manifest = Manifest {
+            version: MANIFEST_VERSION,
+            tenant: pipeline.tenant().clone(),
+            epoch: self.epoch,
+            n: self.n,
+            run: pipeline.run(),
+            chunks: 0,
+            bytes: 0,
+            crc32: 0,
+            offsets,
+            seq: pipeline.seq(),
+            watermark_ms: pipeline.watermark(),
+            created_at_ms: now_ms(),
+            stopped,
+        };
+        // The previous checkpoint's chunks go once this one is in; another epoch's manifest
+        // goes too (its key is not this job's).
+        let previous = self.previous.take();
+        let records = checkpoint::records(&mut manifest, &packed, previous.as_ref());
+        for (key, value) in &records {
+            output.state(key, value.as_deref()).await?;
+        }
+        let mut obsolete = std::mem::take(&mut self.obsolete);
+        obsolete.extend(previous.filter(|p| p.epoch != self.epoch));
+        for old in &obsolete {
+            for key in old.chunk_keys() {
+                output.state(&key.encode(), None).await?;
+            }
+            output
+                .state(&Key::Manifest { epoch: old.epoch }.encode(), None)
+                .await?;
+        }
+        tracing::info!(
+            tenant = %manifest.tenant,
+            epoch = self.epoch,
+            n = self.n,
+            seq = manifest.seq,
+            bytes = manifest.bytes,
+            chunks = manifest.chunks,
+            history = changes.len(),
+            stopped = ?stopped,
+            ms = started.elapsed().as_millis() as u64,
+            "checkpoint written"
+        );
+        self.previous = Some(manifest);
+        Ok(())
+    }
+}
+
+/// What a job starts from.
+struct Started {
+    partitions: usize,
+    /// Windows before this are not emitted (a job reading one window back).
+    from_ms: Option<i64>,
+    /// Where each partition is read from.
+    offsets: Vec<(i32, i64)>,
+    /// Records below these offsets are skipped (re-read after a resume).
+    skip_below: HashMap<i32, i64>,
+    store: Changelog<RedbStore>,
+    resumed: Option<Found>,
+    obsolete: Vec<Manifest>,
+}
+
+/// Reads the tenant's checkpoints (rebuilding the visitor history from the changelog), then
+/// either resumes the newest complete one or seeks as `config.start` says; assigns the
+/// consumer. Blocking.
+fn start(
+    consumer: &StreamConsumer<JobContext>,
+    config: &JobConfig,
+    topic: &str,
+) -> Result<Started, JobError> {
+    let mut store =
+        Changelog::new(RedbStore::open(&config.history_path).map_err(EngineError::from)?);
+    let scan = match config.checkpoint_interval {
+        Some(_) => read_state(&config.brokers, &topics::state(&config.tenant), &mut store)?,
+        None => Scan::default(),
+    };
+    let found = scan.latest();
+    let resumable = found.as_ref().is_some_and(|f| {
+        config.start == StartFrom::Earliest
+            || (f.manifest.stopped != Some(Stopped::Linger)
+                && now_ms().saturating_sub(f.manifest.created_at_ms)
+                    <= i64::try_from(config.resume_max_age.as_millis()).unwrap_or(i64::MAX))
+    });
+    if let Some(f) = &found {
+        tracing::info!(
+            tenant = %config.tenant,
+            epoch = f.manifest.epoch,
+            n = f.manifest.n,
+            run = f.manifest.run,
+            seq = f.manifest.seq,
+            stopped = ?f.manifest.stopped,
+            age_ms = now_ms().saturating_sub(f.manifest.created_at_ms),
+            history = scan.history_records,
+            resumable,
+            "checkpoint found"
+        );
+    }
+    let obsolete: Vec<Manifest> = scan
+        .manifests()
+        .filter(|m| {
+            m.epoch != config.epoch
+                && found
+                    .as_ref()
+                    .is_none_or(|f| !resumable || f.manifest.epoch != m.epoch)
+        })
+        .cloned()
+        .collect();
+    if resumable && let Some(found) = found {
+        let Assignment {
+            partitions,
+            offsets,
+            ..
+        } = assign_resumed(consumer, &config.brokers, topic, &found.manifest.offsets)?;
+        let skip_below = offsets.iter().copied().collect();
+        return Ok(Started {
+            partitions,
+            from_ms: None,
+            offsets,
+            skip_below,
+            store,
+            resumed: Some(found),
+            obsolete,
+        });
+    }
+    let Assignment {
+        partitions,
+        from_ms,
+        offsets,
+    } = assign(
+        consumer,
+        &config.brokers,
+        topic,
+        config.start,
+        &config.operators,
+    )?;
+    Ok(Started {
+        partitions,
+        from_ms,
+        offsets,
+        skip_below: HashMap::new(),
+        store,
+        resumed: None,
+        obsolete,
+    })
+}
+
+/// How many history records a restore merges into the store per write transaction.
+const MERGE_BATCH: usize = 16_384;
+
+/// Reads `state.<tenant>` from its start to its end: history into `store` (newest wins),
+/// checkpoints into the scan. A topic that does not exist yet is empty. Blocking.
+fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Result<Scan, JobError> {
+    let started = std::time::Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("clickpulse-restore.{topic}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("max.partition.fetch.bytes", "4194304")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
+    let exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    let mut scan = Scan::default();
+    if !exists {
+        return Ok(scan);
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&list)?;
+    let mut batch = Vec::new();
+    let mut progress = std::time::Instant::now();
+    let mut records = 0u64;
+    loop {
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                records += 1;
+                progress = std::time::Instant::now();
+                scan.add(m.key(), m.payload(), |v, h| batch.push((v, h)));
+                if batch.len() >= MERGE_BATCH {
+                    store
+                        .merge_batch(&mut batch.drain(..))
+                        .map_err(EngineError::from)?;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            None if progress.elapsed() >= LOOKUP_TIMEOUT => {
+                return Err(JobError::Seek(format!(
+                    "{topic} sent nothing for {LOOKUP_TIMEOUT:?} before its end"
+                )));
+            }
+            None => {}
+        }
+    }
+    store
+        .merge_batch(&mut batch.drain(..))
+        .map_err(EngineError::from)?;
+    tracing::debug!(%topic, records, history = scan.history_records, unreadable = scan.unreadable, ms = started.elapsed().as_millis() as u64, "state read");
+    Ok(scan)
+}
+
+/// Assigns every partition where a resumed checkpoint left it. Where only batch starts can be
+/// read, a position at or before each checkpoint offset is found and the records before the
+/// offset are skipped by the job. Blocking.
+fn assign_resumed(
+    consumer: &StreamConsumer<JobContext>,
+    brokers: &str,
+    topic: &str,
+    from: &[PartitionOffset],
+) -> Result<Assignment, JobError> {
+    let partitions = topic_partitions(consumer, topic)?;
+    let mut wanted = Vec::new();
+    for &p in &partitions {
+        let (low, _) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
+        let next = from
+            .iter()
+            .find(|o| o.partition == p)
+            .map_or(low, |o| o.next);
+        if next < low {
+            tracing::warn!(%topic, partition = p, next, low, "records after the checkpoint are gone (retention): resuming at the first that is left");
+        }
+        wanted.push((p, next.max(low), low));
+    }
+    let positions = Probe::new(brokers, topic).at_or_before(&wanted)?;
+    let mut list = TopicPartitionList::new();
+    for &(p, at) in &positions {
+        list.add_partition_offset(topic, p, Offset::Offset(at))?;
+    }
+    consumer.assign(&list)?;
+    tracing::info!(%topic, ?positions, "resumed at the checkpoint's offsets");
+    let max = partitions.iter().copied().max().unwrap_or(0);
+    Ok(Assignment {
+        partitions: usize::try_from(max).unwrap_or(0) + 1,
+        from_ms: None,
+        offsets: wanted.iter().map(|&(p, next, _)| (p, next)).collect(),
+    })
+}
+
+/// How a job's consumer was assigned.
+struct Assignment {
+    /// Partition count (highest id + 1).
+    partitions: usize,
+    /// When starting from an event time, that time.
+    from_ms: Option<i64>,
+    /// Per partition, the first offset the job processes.
+    offsets: Vec<(i32, i64)>,
+}
+
+fn topic_partitions(
+    consumer: &StreamConsumer<JobContext>,
+    topic: &str,
+) -> Result<Vec<i32>, JobError> {
+    let metadata = consumer.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(JobError::NoTopic(topic.to_owned()));
+    }
+    Ok(partitions)
 }
 
 /// How long a stopping job waits for its output to be acknowledged.
@@ -244,7 +680,7 @@ const OUTPUT_FLUSH: Duration = Duration::from_secs(10);
 /// Sends the pipeline's new results to `results.<tenant>` and the channel; a full channel
 /// waits (backpressure), never drops.
 async fn emit(
-    pipeline: &mut Pipeline<RedbStore>,
+    pipeline: &mut JobPipeline,
     output: &Output,
     results: &mpsc::Sender<ResultMsg>,
     report: &mut JobReport,
@@ -260,29 +696,23 @@ async fn emit(
     Ok(())
 }
 
-/// Assigns every partition of `topic` at the start position; returns the partition count and,
-/// when starting from an event time, that time. Blocking (metadata and offset look-ups).
+/// Assigns every partition of `topic` at the start position `start` says. Blocking (metadata
+/// and offset look-ups).
 fn assign(
     consumer: &StreamConsumer<JobContext>,
     brokers: &str,
     topic: &str,
     start: StartFrom,
     ops: &OperatorConfig,
-) -> Result<(usize, Option<i64>), JobError> {
-    let metadata = consumer.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(JobError::NoTopic(topic.to_owned()));
-    }
+) -> Result<Assignment, JobError> {
+    let partitions = topic_partitions(consumer, topic)?;
     let mut list = TopicPartitionList::new();
+    let mut assigned = Vec::new();
     let from_ms = if start == StartFrom::Earliest {
         for &p in &partitions {
-            list.add_partition_offset(topic, p, Offset::Beginning)?;
+            let (low, _) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
+            list.add_partition_offset(topic, p, Offset::Offset(low))?;
+            assigned.push((p, low));
         }
         None
     } else {
@@ -353,12 +783,17 @@ fn assign(
         );
         for (p, offset) in offsets {
             list.add_partition_offset(topic, p, Offset::Offset(offset))?;
+            assigned.push((p, offset));
         }
         from_ms
     };
     consumer.assign(&list)?;
     let max = partitions.iter().copied().max().unwrap_or(0);
-    Ok((usize::try_from(max).unwrap_or(0) + 1, from_ms))
+    Ok(Assignment {
+        partitions: usize::try_from(max).unwrap_or(0) + 1,
+        from_ms,
+        offsets: assigned,
+    })
 }
 
 /// The job's Kafka client context: end-of-partition is news for the idle check (it arrives
@@ -766,6 +1201,60 @@ impl Probe {
             bounds,
             starts: tails,
         })
+    }
+
+    /// Per partition `(partition, next, low)`, a position to assign at from which a consumer
+    /// gets `next` (and perhaps some records before it, to skip): `next` itself where any
+    /// offset can be read (Kafka); otherwise the latest of `next`, `next - 1`, `next - 4`, …
+    /// whose first record is at or before `next`, or `low`.
+    fn at_or_before(&self, wanted: &[(i32, i64, i64)]) -> Result<Vec<(i32, i64)>, JobError> {
+        let mut probes: Vec<(i32, i64)> = Vec::new();
+        let mut targets: HashMap<i32, i64> = HashMap::new();
+        for &(p, next, low) in wanted {
+            targets.insert(p, next);
+            let mut step = 0i64;
+            loop {
+                let at = (next - step).max(low);
+                probes.push((p, at));
+                if at <= low {
+                    break;
+                }
+                step = if step == 0 { 1 } else { step.saturating_mul(4) };
+            }
+        }
+        let good = |i: usize, landing: &Option<Landing>| {
+            let (p, _) = probes[i];
+            matches!(landing, Some(Landing::Record { offset, .. }) if targets.get(&p).is_some_and(|&t| *offset <= t))
+        };
+        let partitions = targets.len();
+        let first_answer = std::cell::Cell::new(None::<Duration>);
+        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
+            let answered: std::collections::HashSet<i32> = answers
+                .iter()
+                .enumerate()
+                .filter(|(i, a)| good(*i, a))
+                .map(|(i, _)| probes[i].0)
+                .collect();
+            if answered.len() < partitions {
+                return false;
+            }
+            let all_at = first_answer.get().unwrap_or(elapsed);
+            first_answer.set(Some(all_at));
+            elapsed >= all_at * 2 + Duration::from_millis(20)
+        };
+        let landed = self.land_until(&probes, PROBE_WAIT, enough)?;
+        let mut at: HashMap<i32, i64> = HashMap::new();
+        for (i, landing) in landed.iter().enumerate() {
+            let (p, probe) = probes[i];
+            if good(i, &Some(*landing)) {
+                let best = at.entry(p).or_insert(probe);
+                *best = (*best).max(probe);
+            }
+        }
+        Ok(wanted
+            .iter()
+            .map(|&(p, _, low)| (p, at.get(&p).copied().unwrap_or(low)))
+            .collect())
     }
 
     /// Per partition, the first position whose record's event time is `>= time` (the end

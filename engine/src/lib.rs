@@ -13,10 +13,12 @@
 //! benchmarked without Kafka. The visitor-history store is injected (on disk in a job, in
 //! memory in tests). `job` is the async wrapper; `control` runs jobs on demand from the
 //! ZooKeeper registrations (see its module docs) and `links` carries their results to the
-//! gateways over ZeroMQ.
+//! gateways over ZeroMQ. `checkpoint` says what a job's checkpoints on `state.<tenant>` are and
+//! how a restore picks one, so any engine can resume any tenant's job exactly.
 #![forbid(unsafe_code)]
 
 pub mod bloom;
+pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod history;
@@ -30,5 +32,5 @@ pub mod window;
 
 pub use config::OperatorConfig;
 pub use control::{Engine, EngineConfig, JobState, JobStatus};
-pub use history::{History, HistoryStore, MemStore, RedbStore};
+pub use history::{Changelog, History, HistoryStore, MemStore, RedbStore};
 pub use pipeline::{Admission, EngineError, Pipeline, PipelineState};

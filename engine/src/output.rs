@@ -1,9 +1,10 @@
 //! A job's durable output in Kafka: every result to `results.<tenant>`, every malformed
-//! input record to `dead.<tenant>` (formats in `clickpulse_protocol::results` and
-//! `clickpulse_protocol::dead`).
+//! input record to `dead.<tenant>`, its checkpoints and history changelog to the compacted
+//! `state.<tenant>` (formats in `clickpulse_protocol::results`, `::dead` and `::state`).
 //!
 //! One idempotent producer per job (no duplicates or reordering when librdkafka retries);
-//! both topics have one partition, so each holds the job's output in order. Sending never
+//! each topic has one partition, so each holds the job's output in order — on `state.<tenant>`
+//! that is what makes a manifest in the log mean its chunks and history are there too. Sending never
 //! blocks the job on the network: records queue in librdkafka and a full queue waits a moment
 //! (backpressure), never drops. Delivery failures are counted and logged; the job reports them
 //! when it stops.
@@ -14,7 +15,7 @@ use clickpulse_protocol::dead::{REASON_HEADER, SOURCE_HEADER, SourcePosition};
 use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::{Tenant, topics};
 use clickpulse_replay::KafkaConfig;
-use clickpulse_replay::kafka::{Acks, ensure_topics};
+use clickpulse_replay::kafka::{Acks, ensure_topics, ensure_topics_with};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -40,6 +41,7 @@ pub struct Output {
     producer: ThreadedProducer<Acks>,
     results: String,
     dead: String,
+    state: String,
 }
 
 /// How long a queued record may wait for the broker (librdkafka retries within it).
@@ -56,11 +58,21 @@ impl Output {
         };
         let started = std::time::Instant::now();
         ensure_topics(&config, &[results.clone(), dead.clone()], 1, 1)?;
+        let state = topics::state(tenant);
+        ensure_topics_with(
+            &config,
+            std::slice::from_ref(&state),
+            1,
+            1,
+            &[("cleanup.policy", "compact")],
+        )?;
         tracing::debug!(%results, %dead, ms = started.elapsed().as_millis() as u64, "output topics ready");
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            // Checkpoint chunks are up to 512 KiB (protocol::state::CHUNK_BYTES).
+            .set("message.max.bytes", "1048576")
             .set(
                 "delivery.timeout.ms",
                 DELIVERY_TIMEOUT.as_millis().to_string(),
@@ -70,6 +82,7 @@ impl Output {
             producer,
             results,
             dead,
+            state,
         })
     }
 
@@ -107,6 +120,20 @@ impl Output {
             record = record.payload(value);
         }
         self.send(record).await
+    }
+
+    /// Queues a `state.<tenant>` record (`None`: a tombstone).
+    pub async fn state(&self, key: &str, value: Option<&[u8]>) -> Result<(), OutputError> {
+        let mut record = BaseRecord::<str, [u8]>::to(&self.state).key(key);
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        self.send(record).await
+    }
+
+    /// Records queued and not yet acknowledged.
+    pub fn in_flight(&self) -> i32 {
+        self.producer.in_flight_count()
     }
 
     async fn send<K, P>(&self, mut record: BaseRecord<'_, K, P>) -> Result<(), OutputError>

@@ -14,7 +14,7 @@ use clickpulse_protocol::results::SessionStats;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::history::{History, HistoryState, HistoryStore, StoreError};
+use crate::history::{self as visitor_history, HistoryState, HistoryStore, StoreError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Session {
@@ -103,11 +103,14 @@ impl Sessions {
         i.closed_duration_ms += (session.last - session.start) as u64;
         self.totals.closed += 1;
         let prev = history.peek(store, visitor)?;
-        history.record(
-            store,
-            visitor,
-            History::fold(prev, session.views, session.last),
-        )
+        match visitor_history::fold(prev, session.views, session.last, close_at) {
+            Some(folded) => history.record(store, visitor, folded),
+            // The store already holds this session (it is ahead of a restored checkpoint).
+            None => {
+                history.note(visitor);
+                Ok(())
+            }
+        }
     }
 
     /// A view of `visitor` at `time_ms` (not before any earlier view: events come in order).
@@ -124,7 +127,7 @@ impl Sessions {
             s.views = s.views.saturating_add(1);
             return Ok(());
         }
-        let returning = history.lookup(store, visitor)?.is_some();
+        let returning = visitor_history::returning(history.lookup(store, visitor)?, time_ms);
         self.open.insert(
             visitor,
             Session {

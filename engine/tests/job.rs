@@ -78,15 +78,41 @@ fn header(m: &OwnedMessage, name: &str) -> Option<String> {
 }
 
 fn config(broker: &Broker, tenant: &Tenant, dir: &tempfile::TempDir) -> JobConfig {
-    JobConfig {
-        tenant: tenant.clone(),
-        epoch: 1,
-        brokers: broker.bootstrap().to_owned(),
-        operators: OperatorConfig::default(),
-        start: StartFrom::Earliest,
-        idle_timeout: Duration::from_millis(400),
-        history_path: dir.path().join("history.redb"),
+    let mut config = JobConfig::new(
+        tenant.clone(),
+        1,
+        broker.bootstrap(),
+        dir.path().join("history.redb"),
+    );
+    config.start = StartFrom::Earliest;
+    config.idle_timeout = Duration::from_millis(400);
+    config.checkpoint_interval = None;
+    config
+}
+
+/// What an uninterrupted run computes from these click records: the pipeline in memory, fed
+/// in event-time order as one partition (once every partition of a job is idle, its watermark
+/// is the newest event minus the lateness, as here); and the clicks in that order.
+fn in_memory<'a>(tenant: &Tenant, records: &'a [Vec<u8>]) -> (Vec<ResultMsg>, Vec<ClickRef<'a>>) {
+    let mut pipeline = Pipeline::new(
+        tenant.clone(),
+        1,
+        1,
+        OperatorConfig::default(),
+        MemStore::default(),
+    )
+    .unwrap();
+    let mut clicks: Vec<ClickRef> = records
+        .iter()
+        .map(|r| ClickRef::decode(r).unwrap())
+        .collect();
+    clicks.sort_by_key(|c| c.event_time_ms);
+    for c in &clicks {
+        pipeline
+            .on_click(0, c.visitor, c.page, c.event_time_ms)
+            .unwrap();
     }
+    (pipeline.take_results(), clicks)
 }
 
 /// Runs a job until its results stop for three seconds, then shuts it down; the job must stop
@@ -131,27 +157,7 @@ async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
     assert_eq!(report.records as usize, records.len());
     assert_eq!((report.late, report.dead_lettered), (0, 0));
 
-    // The same records, in memory, in one partition: once every partition of the job is idle,
-    // its watermark is the newest event minus the lateness, as here.
-    let mut pipeline = Pipeline::new(
-        tenant.clone(),
-        1,
-        1,
-        OperatorConfig::default(),
-        MemStore::default(),
-    )
-    .unwrap();
-    let mut clicks: Vec<ClickRef> = records
-        .iter()
-        .map(|r| ClickRef::decode(r).unwrap())
-        .collect();
-    clicks.sort_by_key(|c| c.event_time_ms);
-    for c in &clicks {
-        pipeline
-            .on_click(0, c.visitor, c.page, c.event_time_ms)
-            .unwrap();
-    }
-    let expected = pipeline.take_results();
+    let (expected, _) = in_memory(&tenant, &records);
     assert!(expected.len() > 100);
     let json = |r: &ResultMsg| String::from_utf8(r.to_json()).unwrap();
     if let Some(i) = (0..got.len().min(expected.len())).find(|&i| got[i] != expected[i]) {
@@ -303,4 +309,120 @@ async fn a_job_started_one_window_back_emits_a_complete_window_first() {
     let expected = clicks.iter().filter(|c| c.0 >= start && c.0 < end).count() as u64;
     assert_eq!(pages.iter().map(|p| p.views).sum::<u64>(), expected);
     assert!(expected > 0);
+}
+
+/// Waits up to 60 s for the job's first result, then reads `n` more, one at a time.
+async fn take(rx: &mut mpsc::Receiver<ResultMsg>, n: usize) -> Vec<ResultMsg> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
+            Ok(Some(r)) => out.push(r),
+            _ => break,
+        }
+    }
+    out
+}
+
+/// The same result from another owner: equal but for the epoch.
+fn same_result(a: &ResultMsg, b: &ResultMsg) -> bool {
+    a == &ResultMsg {
+        epoch: a.epoch,
+        ..b.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_nothing() {
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("resume")).unwrap();
+    replay(&broker, &tenant, 3_000);
+    let records = read_back(&broker, &topics::clicks(&tenant));
+
+    // The first owner: checkpoints every second. The test reads its results one at a time
+    // (a channel of one blocks the job), pauses past a checkpoint, reads on, then goes away:
+    // the job fails with nobody to send to — a crash, with no last checkpoint.
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut first = config(&broker, &tenant, &dir_a);
+    first.checkpoint_interval = Some(Duration::from_secs(1));
+    let (tx, mut rx) = mpsc::channel(1);
+    let job = tokio::spawn(run_job(first, tx, CancellationToken::new()));
+    let mut from_a = take(&mut rx, 50).await;
+    assert_eq!(from_a.len(), 50, "the first owner's results");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    from_a.extend(take(&mut rx, 101).await);
+    drop(rx);
+    let crashed = tokio::time::timeout(Duration::from_secs(10), job)
+        .await
+        .expect("the job stops once nobody takes its results")
+        .unwrap();
+    assert!(crashed.is_err(), "it ended without a clean stop");
+
+    // The next owner, on an engine with no local history: everything comes from Kafka.
+    let dir_b = tempfile::tempdir().unwrap();
+    let mut second = config(&broker, &tenant, &dir_b);
+    second.epoch = 2;
+    second.checkpoint_interval = Some(Duration::from_secs(1));
+    let (from_b, report) = run_until_quiet(second).await;
+    let (epoch, n) = report.resumed.expect("it resumed a checkpoint");
+    assert_eq!(epoch, 1);
+    assert!(n >= 1);
+    assert!(report.checkpoints >= 1);
+    assert!(
+        from_b.iter().all(|r| r.epoch == 2 && r.run == 1),
+        "the run goes on under the new epoch"
+    );
+
+    // What it re-emitted is what the first owner had sent after that checkpoint, result for
+    // result (sequence numbers and contents), and there was some of it.
+    let first_b = from_b.first().expect("results after the resume").seq;
+    let overlap: Vec<(&ResultMsg, &ResultMsg)> = from_a
+        .iter()
+        .filter(|a| a.seq >= first_b)
+        .zip(&from_b)
+        .collect();
+    assert!(
+        !overlap.is_empty(),
+        "the first owner had sent results after its checkpoint"
+    );
+    for (a, b) in &overlap {
+        assert!(same_result(a, b), "re-emitted differently:\n {a:?}\n {b:?}");
+    }
+
+    // A receiver dropping what it has seen ends up with exactly the uninterrupted output.
+    let mut order = clickpulse_protocol::results::Order::default();
+    let delivered: Vec<&ResultMsg> = from_a
+        .iter()
+        .chain(&from_b)
+        .filter(|r| {
+            order.admit(r.epoch, r.run, r.seq) == clickpulse_protocol::results::Admit::Deliver
+        })
+        .collect();
+    let (expected, clicks) = in_memory(&tenant, &records);
+    assert_eq!(
+        delivered.len(),
+        expected.len(),
+        "results delivered once each"
+    );
+    for (got, want) in delivered.iter().zip(&expected) {
+        assert!(
+            same_result(got, want),
+            "result {} differs:\n {got:?}\n {want:?}",
+            want.seq
+        );
+    }
+    // Totals cover every event before their end, each once.
+    let totals = expected
+        .iter()
+        .rev()
+        .find(|r| matches!(r.body, ResultBody::Totals(_)))
+        .unwrap();
+    let before_end = clicks
+        .iter()
+        .filter(|c| c.event_time_ms < totals.window_end_ms)
+        .count() as u64;
+    assert_eq!(
+        last_totals(&expected).map(|t| t.views),
+        Some(before_end),
+        "every record counted once"
+    );
 }

@@ -21,6 +21,7 @@
 //! | [`pages`]    | the MSNBC page catalogue (category id ↔ name)                         |
 //! | [`results`]  | result messages computed by a tenant job                              |
 //! | [`dead`]     | dead letters on `dead.<tenant>`: the rejected record and why          |
+//! | [`state`]    | job checkpoints and visitor history on `state.<tenant>`               |
 //! | [`zmq`]      | the multipart ZeroMQ frame carrying a result to a gateway             |
 //! | [`ws`]       | WebSocket client/server messages and close codes                      |
 //! | [`zk`]       | the ZooKeeper tree under the root (default `/clickpulse`) and payloads |
@@ -33,6 +34,7 @@ pub mod clock;
 pub mod dead;
 pub mod pages;
 pub mod results;
+pub mod state;
 pub mod tenant;
 pub mod topics;
 pub mod ws;

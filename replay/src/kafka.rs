@@ -123,6 +123,18 @@ pub fn ensure_topics(
     partitions: i32,
     replication: i32,
 ) -> Result<(), KafkaSinkError> {
+    ensure_topics_with(config, topics, partitions, replication, &[])
+}
+
+/// [`ensure_topics`] with topic configs for the topics it creates (e.g.
+/// `cleanup.policy=compact`); an existing topic is left as it is.
+pub fn ensure_topics_with(
+    config: &KafkaConfig,
+    topics: &[String],
+    partitions: i32,
+    replication: i32,
+    configs: &[(&str, &str)],
+) -> Result<(), KafkaSinkError> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(config)
             .create()
@@ -132,7 +144,12 @@ pub fn ensure_topics(
             })?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
+        .map(|t| {
+            configs.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(replication)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = futures_executor::block_on(admin.create_topics(&new, &opts)).map_err(|e| {

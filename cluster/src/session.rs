@@ -388,6 +388,32 @@ impl ZkSession {
         self.write(path, data, false).await
     }
 
+    /// [`ZkSession::register`] for a process's own identity node: while another session holds
+    /// it (this process's previous life, killed less than a session timeout ago), waits for
+    /// that session to expire, up to `wait`; then [`ZkError::Taken`] — another live process
+    /// has the same id.
+    pub async fn register_identity(
+        &self,
+        path: &str,
+        data: Vec<u8>,
+        wait: Duration,
+    ) -> Result<(), ZkError> {
+        let started = std::time::Instant::now();
+        let mut said = false;
+        loop {
+            match self.register(path, data.clone()).await {
+                Err(ZkError::Taken { owner, .. }) if started.elapsed() < wait => {
+                    if !said {
+                        tracing::warn!(%path, owner = format!("{owner:#x}"), "node held by another session (a previous run not yet expired?); waiting for it to go");
+                        said = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn write(&self, path: &str, data: Vec<u8>, update: bool) -> Result<(), ZkError> {
         let (done, result) = oneshot::channel();
         let creation = Creation {

@@ -185,10 +185,13 @@ pub async fn start(
         host: config.host.clone(),
         started_at_ms: now_ms(),
     };
+    // Restarted right after a kill, the previous run's node is there until its session
+    // expires: wait for that rather than exit.
     session
-        .register(
+        .register_identity(
             &config.layout.engine(&config.id),
             serde_json::to_vec(&info).unwrap_or_default(),
+            config.zookeeper.session_timeout * 2 + Duration::from_secs(1),
         )
         .await?;
     tracing::info!(engine = %config.id, brokers = %config.brokers, "engine registered");

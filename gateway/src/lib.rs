@@ -113,6 +113,7 @@ pub async fn start(
             None
         }
         Some(zk) => {
+            let session_timeout = zk.session_timeout;
             let session = ZkSession::connect(zk, &shutdown).await?;
             let info = GatewayInfo {
                 id: config.id.clone(),
@@ -124,8 +125,14 @@ pub async fn start(
                 started_at_ms: clickpulse_protocol::zk::now_ms(),
             };
             let payload = serde_json::to_vec(&info).unwrap_or_default();
+            // Restarted right after a kill, the previous run's node is there until its
+            // session expires: wait for that rather than exit.
             session
-                .register(&config.layout.gateway(&config.id), payload)
+                .register_identity(
+                    &config.layout.gateway(&config.id),
+                    payload,
+                    session_timeout * 2 + std::time::Duration::from_secs(1),
+                )
                 .await?;
             Some(server::Registry {
                 session,

@@ -29,6 +29,7 @@ use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::state::{Key, MANIFEST_VERSION, Manifest, PartitionOffset, Stopped};
 use clickpulse_protocol::zk::now_ms;
 use clickpulse_protocol::{ClickRef, Tenant, topics};
+use futures_util::FutureExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
@@ -129,7 +130,7 @@ pub enum JobError {
     ResultsClosed,
     #[error("the look-up of where to start reading failed: {0}")]
     Seek(String),
-    #[error("a start-up task of the job failed: {0}")]
+    #[error("a blocking task of the job failed: {0}")]
     StartUp(String),
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -172,6 +173,12 @@ pub async fn run_job(
         .set("auto.offset.reset", "earliest")
         // End-of-partition events tell "caught up" from "not fetched yet" for idleness.
         .set("enable.partition.eof", "true")
+        // Fetches of about 1 MiB: librdkafka puts another partition first in each fetch, and
+        // a broker that fills a fetch from its first partition (tansu) then serves each in
+        // turn; with the 50 MiB default, a partition with a backlog starved the others (and
+        // the watermark waits for the slowest).
+        .set("fetch.max.bytes", "1048576")
+        .set("max.partition.fetch.bytes", "1048576")
         .create_with_context(JobContext)?;
     let seek_started = std::time::Instant::now();
     // Both block (metadata, offset look-ups, topic creation): off the async workers, and side
@@ -207,7 +214,9 @@ pub async fn run_job(
             let state =
                 Pipeline::<RedbStore>::state_from_bytes(&checkpoint::unpack(&found.packed)?)?;
             report.resumed = Some((found.manifest.epoch, found.manifest.n));
-            Pipeline::restore(config.tenant.clone(), config.epoch, state, store)
+            let mut pipeline = Pipeline::restore(config.tenant.clone(), config.epoch, state, store);
+            pipeline.forget_idleness();
+            pipeline
         }
         None => Pipeline::new(
             config.tenant.clone(),
@@ -250,12 +259,48 @@ pub async fn run_job(
     let mut at_end = vec![false; partitions];
     let started = Instant::now();
     let mut seen_any = vec![false; partitions];
+    let mut progress_report = Instant::now();
     let mut idle_check = tokio::time::interval(config.idle_timeout / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            message = consumer.recv() => {
+        // A job with records waiting never has to wait in `recv`: give the runtime back its
+        // turn now and then, or the engine's coordinator (and its ZooKeeper contact) starves.
+        tokio::task::coop::consume_budget().await;
+        let turn = tokio::select! {
+            _ = shutdown.cancelled() => Turn::Stop,
+            message = consumer.recv() => Turn::Message(message),
+            _ = tick_of(&mut checkpoint_tick) => Turn::Checkpoint,
+            _ = idle_check.tick() => Turn::IdleCheck,
+        };
+        // Silence is only silence when nothing is queued: a job that fell behind (a busy
+        // machine, a slow checkpoint) may have records of a "silent" partition waiting. Those
+        // go first, and the next check looks again.
+        if matches!(turn, Turn::IdleCheck) && progress_report.elapsed() >= PROGRESS_EVERY {
+            progress_report = Instant::now();
+            tracing::info!(
+                tenant = %config.tenant,
+                epoch = config.epoch,
+                records = report.records,
+                skipped = report.skipped,
+                late = report.late,
+                results = report.results,
+                watermark_ms = pipeline.watermark(),
+                buffered = pipeline.buffered(),
+                partitions = ?pipeline.partitions(),
+                positions = ?checkpoints.positions,
+                "job progress"
+            );
+        }
+        let turn = match turn {
+            Turn::IdleCheck => consumer
+                .recv()
+                .now_or_never()
+                .map_or(Turn::IdleCheck, Turn::Message),
+            other => other,
+        };
+        match turn {
+            Turn::Stop => break,
+            Turn::Message(message) => {
                 let message = match message {
                     Ok(m) => m,
                     Err(KafkaError::PartitionEOF(p)) => {
@@ -280,27 +325,65 @@ pub async fn run_job(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                if skip_below.get(&message.partition()).is_some_and(|&next| message.offset() < next) {
-                    report.skipped += 1;
-                    continue;
-                }
-                report.records += 1;
-                checkpoints.positions.insert(message.partition(), message.offset() + 1);
                 let partition = usize::try_from(message.partition()).unwrap_or(0);
+                if idle.get(partition) == Some(&true) {
+                    // Data again after a lull: a burst is starting, and the other partitions'
+                    // share of it may be a batch behind. Every partition holds the watermark
+                    // back again until it is silent at its end for the idle timeout anew, or
+                    // this partition's records would push the watermark past theirs.
+                    let now = Instant::now();
+                    for (q, quiet) in idle.iter_mut().enumerate() {
+                        if *quiet {
+                            *quiet = false;
+                            last_seen[q] = now;
+                        }
+                    }
+                    pipeline.forget_idleness();
+                }
                 if let Some(seen) = last_seen.get_mut(partition) {
                     *seen = Instant::now();
                     seen_any[partition] = true;
                     at_end[partition] = false;
                     idle[partition] = false;
                 }
+                // Read again after a resume, before the checkpoint: the state has it already.
+                // (It still counts as the partition delivering: one busy skipping is not idle,
+                // or the watermark would pass it and its records after the checkpoint be late.)
+                if skip_below
+                    .get(&message.partition())
+                    .is_some_and(|&next| message.offset() < next)
+                {
+                    report.skipped += 1;
+                    continue;
+                }
+                report.records += 1;
+                checkpoints
+                    .positions
+                    .insert(message.partition(), message.offset() + 1);
                 let rejected = match message.payload().map(ClickRef::decode) {
                     Some(Ok(click)) if click.tenant == config.tenant.as_str() => {
-                        match pipeline.on_click(partition, click.visitor, click.page, click.event_time_ms)? {
-                            Admission::Accepted => { report.accepted += 1; None }
-                            Admission::Late => { report.late += 1; None }
+                        match pipeline.on_click(
+                            partition,
+                            click.visitor,
+                            click.page,
+                            click.event_time_ms,
+                        )? {
+                            Admission::Accepted => {
+                                report.accepted += 1;
+                                None
+                            }
+                            Admission::Late => {
+                                report.late += 1;
+                                None
+                            }
                             // Counted by the pipeline already.
-                            Admission::UnknownPage => Some(format!("unknown page {:?}", click.page)),
-                            Admission::BadTime => Some(format!("event time {} ms out of range", click.event_time_ms)),
+                            Admission::UnknownPage => {
+                                Some(format!("unknown page {:?}", click.page))
+                            }
+                            Admission::BadTime => Some(format!(
+                                "event time {} ms out of range",
+                                click.event_time_ms
+                            )),
                         }
                     }
                     other => {
@@ -315,15 +398,26 @@ pub async fn run_job(
                 if let Some(reason) = rejected {
                     tracing::warn!(%topic, partition, offset = message.offset(), %reason, "malformed click record dead-lettered");
                     report.dead_lettered += 1;
-                    let source = SourcePosition { topic: topic.clone(), partition: message.partition(), offset: message.offset() };
-                    output.dead_letter(message.key(), message.payload(), &reason, &source).await?;
+                    let source = SourcePosition {
+                        topic: topic.clone(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                    };
+                    output
+                        .dead_letter(message.key(), message.payload(), &reason, &source)
+                        .await?;
                 }
             }
-            _ = tick_of(&mut checkpoint_tick) => {
+            Turn::Checkpoint => {
                 checkpoints.write(&mut pipeline, &output, None).await?;
                 report.checkpoints += 1;
+                // The next one a whole interval after this one ended: however long a
+                // checkpoint takes, the job spends most of its time on the stream.
+                if let Some(tick) = &mut checkpoint_tick {
+                    tick.reset();
+                }
             }
-            _ = idle_check.tick() => {
+            Turn::IdleCheck => {
                 // Idle: at its end and nothing delivered for the idle timeout. A partition that
                 // has delivered nothing at all and reported no end either (a batch-serving
                 // broker such as tansu reports no end for a position inside its last batch)
@@ -353,6 +447,14 @@ pub async fn run_job(
         .unwrap_or(0);
     tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
     Ok(report)
+}
+
+/// What the job loop does next.
+enum Turn<'a> {
+    Stop,
+    Message(Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>),
+    Checkpoint,
+    IdleCheck,
 }
 
 async fn tick_of(tick: &mut Option<tokio::time::Interval>) {
@@ -397,7 +499,14 @@ impl Checkpoints {
                 .state(&Key::History(*visitor).encode(), Some(&h.encode()))
                 .await?;
         }
-        let packed = checkpoint::pack(&pipeline.snapshot_bytes()?)?;
+        // Serializing and deflating megabytes of state takes a while: on a blocking thread,
+        // from a copy, so the runtime's workers go on.
+        let state = pipeline.snapshot();
+        let packed = tokio::task::spawn_blocking(move || {
+            Ok::<_, JobError>(checkpoint::pack(&state.to_bytes()?)?)
+        })
+        .await
+        .map_err(|e| JobError::StartUp(e.to_string()))??;
         let mut offsets: Vec<PartitionOffset> = self
             .positions
             .iter()
@@ -673,6 +782,9 @@ fn topic_partitions(
     }
     Ok(partitions)
 }
+
+/// How often a job logs its progress (`job progress`).
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// How long a stopping job waits for its output to be acknowledged.
 const OUTPUT_FLUSH: Duration = Duration::from_secs(10);
@@ -1226,21 +1338,24 @@ impl Probe {
             let (p, _) = probes[i];
             matches!(landing, Some(Landing::Record { offset, .. }) if targets.get(&p).is_some_and(|&t| *offset <= t))
         };
-        let partitions = targets.len();
-        let first_answer = std::cell::Cell::new(None::<Duration>);
-        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
-            let answered: std::collections::HashSet<i32> = answers
-                .iter()
-                .enumerate()
-                .filter(|(i, a)| good(*i, a))
-                .map(|(i, _)| probes[i].0)
-                .collect();
-            if answered.len() < partitions {
-                return false;
-            }
-            let all_at = first_answer.get().unwrap_or(elapsed);
-            first_answer.set(Some(all_at));
-            elapsed >= all_at * 2 + Duration::from_millis(20)
+        // Done when, for every partition, a usable position answered and every later one has
+        // answered too (a later usable one means less to read again; positions inside a
+        // batch-serving broker's last batch never answer and cost the look-up wait).
+        let enough = |answers: &[Option<Landing>], _: Duration| {
+            targets.keys().all(|&p| {
+                let best = answers
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, a)| probes[i].0 == p && good(i, a))
+                    .map(|(i, _)| probes[i].1)
+                    .max();
+                best.is_some_and(|best| {
+                    answers
+                        .iter()
+                        .enumerate()
+                        .all(|(i, a)| probes[i].0 != p || probes[i].1 <= best || a.is_some())
+                })
+            })
         };
         let landed = self.land_until(&probes, PROBE_WAIT, enough)?;
         let mut at: HashMap<i32, i64> = HashMap::new();

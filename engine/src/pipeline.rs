@@ -93,12 +93,23 @@ pub struct PipelineState {
     newest_ms: i64,
     /// The run this state belongs to (the epoch of the owner that started it afresh) and the
     /// last sequence number emitted in it.
-    #[serde(default)]
     run: u64,
     seq: u64,
     /// Windows starting before this instant are closed but not emitted: a job that started
     /// from a point in the log has not seen their beginning (see [`Pipeline::backfill_from`]).
     windows_from_ms: i64,
+}
+
+impl PipelineState {
+    /// The state as bytes: postcard (compact and fast: a checkpoint holds megabytes of
+    /// buffered events, Bloom filter bits and open sessions, which JSON took seconds to write).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, EngineError> {
+        postcard::to_stdvec(self).map_err(|e| EngineError::Snapshot(e.to_string()))
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<PipelineState, EngineError> {
+        postcard::from_bytes(bytes).map_err(|e| EngineError::Snapshot(e.to_string()))
+    }
 }
 
 /// One tenant's operators over a history store `S`.
@@ -162,6 +173,14 @@ impl<S: HistoryStore> Pipeline<S> {
         }
     }
 
+    /// Forgets which partitions were idle. Idleness is a fact about processing time, not
+    /// about the input: a job resuming a checkpoint re-reads and skips what came before it,
+    /// and a partition still doing so must hold the watermark back, or its first records
+    /// after the checkpoint would come in late.
+    pub fn forget_idleness(&mut self) {
+        self.state.watermark.clear_idle();
+    }
+
     /// Declares that input starts at `start_ms` (a job seeking to the newest event time minus
     /// one window): sliding windows that began earlier would be partial, so they are not
     /// emitted, and the first window a dashboard sees is a complete one.
@@ -177,11 +196,11 @@ impl<S: HistoryStore> Pipeline<S> {
 
     /// The snapshot as bytes, ready for a checkpoint record.
     pub fn snapshot_bytes(&self) -> Result<Vec<u8>, EngineError> {
-        serde_json::to_vec(&self.state).map_err(|e| EngineError::Snapshot(e.to_string()))
+        self.state.to_bytes()
     }
 
     pub fn state_from_bytes(bytes: &[u8]) -> Result<PipelineState, EngineError> {
-        serde_json::from_slice(bytes).map_err(|e| EngineError::Snapshot(e.to_string()))
+        PipelineState::from_bytes(bytes)
     }
 
     pub fn watermark(&self) -> i64 {
@@ -190,6 +209,16 @@ impl<S: HistoryStore> Pipeline<S> {
 
     pub fn tenant(&self) -> &Tenant {
         &self.tenant
+    }
+
+    /// Per partition, the newest event time seen and whether it is idle.
+    pub fn partitions(&self) -> Vec<(Option<i64>, bool)> {
+        self.state.watermark.partitions()
+    }
+
+    /// Accepted events waiting for the watermark.
+    pub fn buffered(&self) -> usize {
+        self.state.buffer.len()
     }
 
     pub fn run(&self) -> u64 {

@@ -39,6 +39,11 @@ impl Watermark {
         self.current
     }
 
+    /// Per partition, its newest event time and whether it is idle (for progress reports).
+    pub fn partitions(&self) -> Vec<(Option<i64>, bool)> {
+        self.partitions.iter().map(|p| (p.newest, p.idle)).collect()
+    }
+
     fn slot(&mut self, partition: usize) -> &mut Partition {
         if partition >= self.partitions.len() {
             // A partition added to the topic while the job runs.
@@ -65,6 +70,14 @@ impl Watermark {
     pub fn set_idle(&mut self, partition: usize) -> bool {
         self.slot(partition).idle = true;
         self.recompute()
+    }
+
+    /// Forgets which partitions were idle (they hold the watermark back again until marked
+    /// idle anew); it does not move.
+    pub fn clear_idle(&mut self) {
+        for p in &mut self.partitions {
+            p.idle = false;
+        }
     }
 
     /// Moves the watermark to at least `to` (end of a bounded input).

@@ -14,7 +14,8 @@
 //! after the summary's `last_seen_ms`), so a store that holds updates made *after* the
 //! checkpoint being restored gives the same results as one that does not.
 //!
-//! **A checkpoint** is the job's operator state (serialized, deflated) cut into chunks under the
+//! **A checkpoint** is the job's operator state (the engine's own serde encoding, postcard;
+//! deflated with zlib) cut into chunks under the
 //! broker's message size, followed by its manifest, written last: a checkpoint whose manifest is
 //! missing, or whose chunks are missing or fail the manifest's CRC-32, is ignored. Manifests are
 //! keyed by epoch, so a fenced-off owner (older epoch) writing late can never replace a newer

@@ -222,35 +222,8 @@ async fn a_killed_gateway_s_clients_vanish_and_their_job_stops_after_the_linger(
         .await;
     // The gateway as a process, so it can die without closing its session.
     let port = clickpulse_tests::process::free_port().unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
-    command.args([
-        "gateway",
-        "--id",
-        "gw-doomed",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--zmq-bind",
-        "tcp://127.0.0.1:0",
-        "--zookeeper",
-        cluster.zk.connect_string(),
-        "--zk-root",
-        &cluster.root,
-        "--zk-session-timeout",
-        &SESSION_TIMEOUT.as_secs_f64().to_string(),
-        "--secret",
-        SECRET,
-    ]);
-    let mut gw = clickpulse_tests::process::Daemon::spawn(
-        "gateway",
-        command,
-        &cluster.dir.path().join("gw.log"),
-    )
-    .unwrap();
+    let mut gw = cluster.gateway_process("gw-doomed", port, 0);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    gw.wait_ready(Duration::from_secs(20), || {
-        clickpulse_tests::process::accepts(&addr)
-    })
-    .unwrap();
     let url = format!("ws://{addr}/ws?token={}", token(&acme));
     let (_ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     assert!(

@@ -133,6 +133,17 @@ impl Cluster {
 
     /// `clickpulse engine` as a process, starting jobs `--from` `from`.
     pub fn engine_process_from(&self, id: &str, linger_s: f64, from: &str) -> Daemon {
+        self.engine_process_with(id, linger_s, from, &[])
+    }
+
+    /// `clickpulse engine` as a process, with `extra` flags.
+    pub fn engine_process_with(
+        &self,
+        id: &str,
+        linger_s: f64,
+        from: &str,
+        extra: &[&str],
+    ) -> Daemon {
         let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
         command.args([
             "engine",
@@ -150,18 +161,55 @@ impl Cluster {
             &linger_s.to_string(),
             "--from",
             from,
-            "--idle-timeout",
-            "0.3",
             "--log",
             "info,zookeeper_client=warn,clickpulse_engine::links=debug",
         ]);
         command.arg("--data-dir").arg(self.dir.path().join("state"));
+        if !extra.contains(&"--idle-timeout") {
+            command.args(["--idle-timeout", "0.3"]);
+        }
+        command.args(extra);
         Daemon::spawn(
             "engine",
             command,
             &self.dir.path().join(format!("{id}.log")),
         )
         .unwrap()
+    }
+
+    /// `clickpulse gateway` as a process (so it can die without closing its session), serving
+    /// on `http_port`, its ZeroMQ ingress on `zmq_port` (0: any); ready when it accepts.
+    pub fn gateway_process(&self, id: &str, http_port: u16, zmq_port: u16) -> Daemon {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_clickpulse"));
+        command.args([
+            "gateway",
+            "--id",
+            id,
+            "--listen",
+            &format!("127.0.0.1:{http_port}"),
+            "--zmq-bind",
+            &format!("tcp://127.0.0.1:{zmq_port}"),
+            "--zookeeper",
+            self.zk.connect_string(),
+            "--zk-root",
+            &self.root,
+            "--zk-session-timeout",
+            &SESSION_TIMEOUT.as_secs_f64().to_string(),
+            "--secret",
+            SECRET,
+        ]);
+        let mut gw = Daemon::spawn(
+            "gateway",
+            command,
+            &self.dir.path().join(format!("{id}.log")),
+        )
+        .unwrap();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+        gw.wait_ready(Duration::from_secs(20), || {
+            clickpulse_tests::process::accepts(&addr)
+        })
+        .unwrap();
+        gw
     }
 
     /// Owner records by tenant, as ZooKeeper has them now.
@@ -300,4 +348,40 @@ pub fn beliefs(
             .push((engine, epoch, from, until));
     }
     out
+}
+
+/// The dataset read naively: each user's page ids, by the letter of the data README (header
+/// up to `% Sequences:` and a blank line, then one user per line).
+pub fn dataset_users() -> Vec<Vec<u16>> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(repo().join("data/msnbc990928.seq.gz")).unwrap();
+    let reader = std::io::BufReader::new(flate2::read::GzDecoder::new(file));
+    let mut lines = reader.lines().map(Result::unwrap);
+    for line in lines.by_ref() {
+        if line.trim() == "% Sequences:" {
+            break;
+        }
+    }
+    lines.next();
+    lines
+        .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+        .collect()
+}
+
+/// The newest event time, on the replay clock, of the users `u` with `u % tenants == index`.
+pub fn newest_event_ms(users: &[Vec<u16>], index: usize, tenants: usize) -> i64 {
+    use clickpulse_protocol::clock;
+    users
+        .iter()
+        .enumerate()
+        .filter(|(u, p)| u % tenants == index && !p.is_empty())
+        .map(|(u, p)| clock::event_time_ms(clock::DEFAULT_T0_MS, u as u64, p.len() as u32 - 1))
+        .max()
+        .unwrap_or(i64::MIN)
+}
+
+/// The `p`th percentile (nearest rank) of sorted, non-empty `sorted`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
 }

@@ -33,11 +33,6 @@ const USERS: u64 = 200_000;
 const STORM: usize = 5_000;
 const TAKEOVERS: usize = 3;
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

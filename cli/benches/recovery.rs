@@ -1,0 +1,202 @@
+//! `scripts/bench recovery`: what exactly-once costs, for a tenant holding a full day of visitor
+//! history (all 989,818 visitors of the MSNBC dataset, 4,698,794 views), on a private
+//! ZooKeeper, the broker, a gateway and `clickpulse engine` processes (release build), jobs
+//! reading from the earliest offsets. Three runs, each on its own copy of the data:
+//!
+//! 1. checkpoints off: the time for the job to read and compute the whole topic;
+//! 2. checkpoints every 5 s: the same, plus each checkpoint's packed size and the time it took
+//!    (from the engine's `checkpoint written` log lines);
+//! 3. checkpoints on, two engines, the owner killed with SIGKILL halfway through: the time from
+//!    the kill until the viewer gets a result it had not had (the new owner resumed the newest
+//!    checkpoint and caught up with where the dead one was). Session timeout 3 s.
+//!
+//! Last line: `{"state_bytes", "checkpoint_ms_p99", "throughput_cost_pct", "recovery_ms"}`
+//! (`state_bytes`: the largest checkpoint's packed operator state).
+#![allow(clippy::unwrap_used)] // a benchmark that cannot run should stop loudly
+#![forbid(unsafe_code)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use clickpulse_protocol::Tenant;
+use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
+use clickpulse_tests::process::Daemon;
+use clickpulse_tests::unique_name;
+use common::*;
+use tokio_util::sync::CancellationToken;
+
+/// The whole topic must be read within this.
+const RUN_LIMIT: Duration = Duration::from_secs(600);
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+fn engine(cluster: &Cluster, id: &str, checkpoint_s: &str) -> Daemon {
+    cluster.engine_process_with(
+        id,
+        30.0,
+        "earliest",
+        &["--checkpoint-interval", checkpoint_s, "--idle-timeout", "2"],
+    )
+}
+
+/// Reads the viewer's results until its totals reach `end_ms` (the data's end, less the
+/// lateness and a slide); the time that took from `since`, and the last (run, seq).
+async fn until_end(ws: &mut Ws, end_ms: i64, since: Instant) -> (Duration, (u64, u64)) {
+    let mut last = (0, 0);
+    loop {
+        assert!(
+            since.elapsed() < RUN_LIMIT,
+            "the job did not finish within {RUN_LIMIT:?}"
+        );
+        let Some(r) = next_result(ws, Duration::from_secs(60)).await else {
+            panic!("no result for 60 s");
+        };
+        last = last.max((r["run"].as_u64().unwrap(), r["seq"].as_u64().unwrap()));
+        if r["stream"] == "totals" && r["window_end_ms"].as_i64().unwrap() >= end_ms {
+            return (since.elapsed(), last);
+        }
+    }
+}
+
+/// `key=value` numbers of the engines' `checkpoint written` lines.
+fn checkpoint_figures(engines: &[&Daemon], key: &str) -> Vec<f64> {
+    let mut out: Vec<f64> = engines
+        .iter()
+        .flat_map(|e| {
+            std::fs::read_to_string(e.log_path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("checkpoint written"))
+                .filter_map(|l| {
+                    let v = l
+                        .split(&format!(" {key}="))
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?;
+                    v.parse::<f64>().ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+async fn bench() {
+    let cluster = Cluster::start().await;
+    let data = repo().join("data/msnbc990928.seq.gz");
+    let users = dataset_users();
+    let end_ms = newest_event_ms(&users, 0, 1) - 5_000 - 10_000;
+    let runs: Vec<Tenant> = ["off", "on", "kill"]
+        .iter()
+        .map(|r| Tenant::new(unique_name(r)).unwrap())
+        .collect();
+    for tenant in &runs {
+        let started = Instant::now();
+        let mut replay = ReplayConfig::new(
+            Source::File(data.clone()),
+            cluster.broker.bootstrap(),
+            vec![tenant.clone()],
+        );
+        replay.progress = ProgressMode::Quiet;
+        let summary = clickpulse_replay::run(&replay, &CancellationToken::new()).unwrap();
+        eprintln!(
+            "replayed {} events into {tenant} in {:.1?}",
+            summary.events,
+            started.elapsed()
+        );
+    }
+    let (gw, _gw_stop) = cluster.gateway("gw-bench").await;
+
+    // 1 and 2: the same work with checkpoints off and on.
+    let mut times = Vec::new();
+    let mut on_engine = None;
+    for (tenant, every, id) in [(&runs[0], "0", "engine-off"), (&runs[1], "5", "engine-on")] {
+        let e = engine(&cluster, id, every);
+        let since = Instant::now();
+        let mut ws = viewer(&gw, tenant, r#""totals""#).await;
+        let (took, _) = until_end(&mut ws, end_ms, since).await;
+        eprintln!("checkpoints every {every} s (0: off): the whole topic in {took:.1?}");
+        times.push(took.as_secs_f64());
+        drop(ws);
+        if every == "0" {
+            drop(e);
+        } else {
+            on_engine = Some(e);
+        }
+    }
+    let on_engine = on_engine.unwrap();
+    let bytes = checkpoint_figures(&[&on_engine], "bytes");
+    let ms = checkpoint_figures(&[&on_engine], "ms");
+    let history = checkpoint_figures(&[&on_engine], "history");
+    let checkpoint_ms_p99 = percentile(&ms, 99.0);
+    let state_bytes = bytes.last().copied().unwrap_or(0.0);
+    eprintln!(
+        "{} checkpoints: packed state up to {state_bytes:.0} bytes, {:.0} history records in all, \
+         p50 {:.0} ms, p99 {checkpoint_ms_p99:.0} ms",
+        ms.len(),
+        history.iter().sum::<f64>(),
+        percentile(&ms, 50.0)
+    );
+    drop(on_engine);
+    let throughput_cost_pct = (times[1] / times[0] - 1.0) * 100.0;
+
+    // 3: kill -9 the owner halfway through; the other engine resumes.
+    let tenant = &runs[2];
+    let mut a = engine(&cluster, "engine-a", "5");
+    let since = Instant::now();
+    let mut ws = viewer(&gw, tenant, r#""totals","pageviews""#).await;
+    let owner = loop {
+        if let Some(o) = cluster.owners().await.remove(tenant) {
+            break o;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(owner.engine, "engine-a");
+    let b = engine(&cluster, "engine-b", "5");
+    // Halfway, by the first run's time (at least two checkpoints in).
+    let mut last = (0, 0);
+    while since.elapsed().as_secs_f64() < (times[0] / 2.0).max(12.0) {
+        if let Some(r) = next_result(&mut ws, Duration::from_secs(5)).await {
+            last = last.max((r["run"].as_u64().unwrap(), r["seq"].as_u64().unwrap()));
+        }
+    }
+    let killed = Instant::now();
+    a.kill();
+    let recovery = loop {
+        assert!(killed.elapsed() < RUN_LIMIT, "no new result after the kill");
+        if let Some(r) = next_result(&mut ws, Duration::from_secs(60)).await {
+            let at = (r["run"].as_u64().unwrap(), r["seq"].as_u64().unwrap());
+            if at > last && r["epoch"].as_u64().unwrap() > owner.epoch {
+                break killed.elapsed();
+            }
+            last = last.max(at);
+        }
+    };
+    eprintln!("kill -9 of the owner at {last:?}: the new owner past it after {recovery:.1?}");
+    let resumed = std::fs::read_to_string(b.log_path())
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains("job started") && l.contains("resumed=Some"));
+    assert!(resumed, "the new owner resumed a checkpoint");
+    drop(b);
+
+    println!(
+        "{}",
+        serde_json::json!({
+            "state_bytes": state_bytes.round(),
+            "checkpoint_ms_p99": checkpoint_ms_p99.round(),
+            "throughput_cost_pct": (throughput_cost_pct * 10.0).round() / 10.0,
+            "recovery_ms": (recovery.as_secs_f64() * 1000.0).round(),
+        })
+    );
+}

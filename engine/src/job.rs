@@ -12,8 +12,15 @@
 //!      └─ unknown page, time out of range ──▶ dead.<tenant>
 //!      ▲
 //!  idle check: a partition that reached the end of its log (partition EOF) and stayed silent
-//!  for `idle_timeout` stops holding the watermark back — never one that is merely slow to
-//!  fetch, or its first records would arrive late
+//!  for `idle_timeout`, with nothing queued, stops holding the watermark back — never one that
+//!  is merely slow to fetch, or its first records would arrive late
+//!
+//!  start:      state.<tenant> ──▶ newest complete checkpoint? ──yes──▶ resume at its offsets
+//!                                        │ no (or not resumable)        (skip what it has)
+//!                                        ▼
+//!                               seek (earliest, or one window back)
+//!  every interval, and at a clean stop:  history changelog · state chunks · manifest
+//!                                        ──▶ state.<tenant>  (see `checkpoint`)
 //! ```
 //!
 //! The job only moves data; all semantics are in the pipeline. A full result channel blocks the

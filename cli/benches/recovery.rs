@@ -50,7 +50,12 @@ fn engine(cluster: &Cluster, id: &str, checkpoint_s: &str) -> Daemon {
 
 /// Reads the viewer's results until its totals reach `end_ms` (the data's end, less the
 /// lateness and a slide); the time that took from `since`, and the last (run, seq).
-async fn until_end(ws: &mut Ws, end_ms: i64, since: Instant) -> (Duration, (u64, u64)) {
+async fn until_end(
+    ws: &mut Ws,
+    end_ms: i64,
+    since: Instant,
+    engine: &Daemon,
+) -> (Duration, (u64, u64)) {
     let mut last = (0, 0);
     loop {
         assert!(
@@ -58,7 +63,10 @@ async fn until_end(ws: &mut Ws, end_ms: i64, since: Instant) -> (Duration, (u64,
             "the job did not finish within {RUN_LIMIT:?}"
         );
         let Some(r) = next_result(ws, Duration::from_secs(60)).await else {
-            panic!("no result for 60 s");
+            panic!(
+                "no result for 60 s; the engine's log:\n{}",
+                engine.log_tail(6000)
+            );
         };
         last = last.max((r["run"].as_u64().unwrap(), r["seq"].as_u64().unwrap()));
         if r["stream"] == "totals" && r["window_end_ms"].as_i64().unwrap() >= end_ms {
@@ -124,7 +132,7 @@ async fn bench() {
         let e = engine(&cluster, id, every);
         let since = Instant::now();
         let mut ws = viewer(&gw, tenant, r#""totals""#).await;
-        let (took, _) = until_end(&mut ws, end_ms, since).await;
+        let (took, _) = until_end(&mut ws, end_ms, since, &e).await;
         eprintln!("checkpoints every {every} s (0: off): the whole topic in {took:.1?}");
         times.push(took.as_secs_f64());
         drop(ws);

@@ -17,7 +17,8 @@
 //! and it is final when emitted: its `watermark_ms` is the event time up to which its input was
 //! complete (the window end). Results are numbered 1, 2, 3… in emission order (`seq`).
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 
 use clickpulse_protocol::pages::PAGE_COUNT;
 use clickpulse_protocol::results::{ResultBody, ResultMsg, Totals};
@@ -76,14 +77,58 @@ struct TotalCounts {
     emitted_at: u64,
 }
 
+/// The reorder buffer. Each partition is nearly in order, so most arrivals are appends to the
+/// sorted run; an arrival older than its newest (another partition behind, or a partition far
+/// ahead of the others: a resumed job re-reading, a broker serving one partition first) goes
+/// to a heap, so it costs O(log n), not a shift of everything after it. Releases take the
+/// smaller of the two heads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Reorder {
+    run: VecDeque<Pending>,
+    rest: BinaryHeap<Reverse<Pending>>,
+}
+
+impl Reorder {
+    fn push(&mut self, p: Pending) {
+        if self.run.back().is_none_or(|last| *last <= p) {
+            self.run.push_back(p);
+        } else {
+            self.rest.push(Reverse(p));
+        }
+    }
+
+    fn first(&self) -> Option<&Pending> {
+        match (self.run.front(), self.rest.peek()) {
+            (Some(a), Some(Reverse(b))) => Some(if b < a { b } else { a }),
+            (a, b) => a.or(b.map(|Reverse(b)| b)),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Pending> {
+        let from_rest = match (self.run.front(), self.rest.peek()) {
+            (Some(a), Some(Reverse(b))) => b < a,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if from_rest {
+            self.rest.pop().map(|Reverse(p)| p)
+        } else {
+            self.run.pop_front()
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.run.len() + self.rest.len()
+    }
+}
+
 /// Everything a checkpoint needs to resume the operators exactly (serde).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PipelineState {
     config: OperatorConfig,
     watermark: Watermark,
-    /// Accepted events not yet released, sorted by (time, visitor, page). Input is nearly in
-    /// order, so an arrival is almost always an append and a release a pop from the front.
-    buffer: VecDeque<Pending>,
+    /// Accepted events not yet released, in (time, visitor, page) order.
+    buffer: Reorder,
     ticks: Ticks,
     window: SlidingWindow,
     sessions: Sessions,
@@ -132,7 +177,7 @@ impl<S: HistoryStore> Pipeline<S> {
         config.validate()?;
         let state = PipelineState {
             watermark: Watermark::new(partitions, config.allowed_lateness_ms),
-            buffer: VecDeque::new(),
+            buffer: Reorder::default(),
             ticks: Ticks::new(config.tick_ms),
             window: SlidingWindow::new(config.window_ms, config.slide_ms),
             sessions: Sessions::new(config.session_gap_ms),
@@ -270,12 +315,7 @@ impl<S: HistoryStore> Pipeline<S> {
             visitor,
             page: index as u8,
         };
-        if s.buffer.back().is_none_or(|last| *last <= pending) {
-            s.buffer.push_back(pending);
-        } else {
-            let at = s.buffer.partition_point(|p| *p <= pending);
-            s.buffer.insert(at, pending);
-        }
+        s.buffer.push(pending);
         s.newest_ms = s.newest_ms.max(time_ms);
         if s.watermark.observe(partition, time_ms) {
             self.drain()?;
@@ -358,7 +398,7 @@ impl<S: HistoryStore> Pipeline<S> {
             // Events strictly before the next boundary and timer go first, in a tight loop:
             // that is nearly every instant. A release can open a tick or a slide or arm a
             // timer, so both are looked up again after each one.
-            while let Some(t) = self.state.buffer.front().map(|p| p.time_ms) {
+            while let Some(t) = self.state.buffer.first().map(|p| p.time_ms) {
                 let before_boundary = self.next_boundary().is_none_or(|b| t < b);
                 let before_timer = self.state.sessions.next_timer().is_none_or(|c| t < c);
                 if t >= w || !before_boundary || !before_timer {
@@ -372,7 +412,7 @@ impl<S: HistoryStore> Pipeline<S> {
             match (boundary, timer) {
                 (None, None) => {
                     // Only events can remain, and none is final.
-                    if self.state.buffer.front().is_none_or(|p| p.time_ms >= w) {
+                    if self.state.buffer.first().is_none_or(|p| p.time_ms >= w) {
                         return Ok(());
                     }
                 }
@@ -391,7 +431,7 @@ impl<S: HistoryStore> Pipeline<S> {
 
     fn release(&mut self) -> Result<(), EngineError> {
         let s = &mut self.state;
-        let Some(p) = s.buffer.pop_front() else {
+        let Some(p) = s.buffer.pop() else {
             return Ok(());
         };
         let page = usize::from(p.page);

@@ -191,8 +191,22 @@ async fn bench() {
         }
     };
     eprintln!("kill -9 of the owner at {last:?}: the new owner past it after {recovery:.1?}");
-    let resumed = std::fs::read_to_string(b.log_path())
-        .unwrap_or_default()
+    let log = std::fs::read_to_string(b.log_path()).unwrap_or_default();
+    // Where the recovery went, from the new owner's own report.
+    for line in log.lines().filter(|l| {
+        [
+            "ownership acquired",
+            "checkpoint found",
+            "resumed at",
+            "job started",
+            "first result out",
+        ]
+        .iter()
+        .any(|what| l.contains(what))
+    }) {
+        eprintln!("  {}", line.chars().take(240).collect::<String>());
+    }
+    let resumed = log
         .lines()
         .any(|l| l.contains("job started") && l.contains("resumed=Some"));
     assert!(resumed, "the new owner resumed a checkpoint");

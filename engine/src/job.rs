@@ -737,8 +737,9 @@ fn assign_resumed(
 ) -> Result<Assignment, JobError> {
     let partitions = topic_partitions(consumer, topic)?;
     let mut wanted = Vec::new();
+    let mut empty = Vec::new();
     for &p in &partitions {
-        let (low, _) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
+        let (low, high) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
         let next = from
             .iter()
             .find(|o| o.partition == p)
@@ -746,9 +747,16 @@ fn assign_resumed(
         if next < low {
             tracing::warn!(%topic, partition = p, next, low, "records after the checkpoint are gone (retention): resuming at the first that is left");
         }
-        wanted.push((p, next.max(low), low));
+        if high <= low {
+            // Nothing to find a position in (and no answer would come): read from `next`.
+            empty.push((p, next.max(low)));
+        } else {
+            wanted.push((p, next.max(low), low));
+        }
     }
-    let positions = Probe::new(brokers, topic).at_or_before(&wanted)?;
+    let mut positions = Probe::new(brokers, topic).at_or_before(&wanted)?;
+    positions.extend(&empty);
+    wanted.extend(empty.iter().map(|&(p, next)| (p, next, next)));
     let mut list = TopicPartitionList::new();
     for &(p, at) in &positions {
         list.add_partition_offset(topic, p, Offset::Offset(at))?;
@@ -998,6 +1006,9 @@ impl Drop for ProbeConsumer {
 /// How long the search for the newest records reads towards the partitions' ends, when no
 /// end-of-partition comes (the topic is being written).
 const CHASE_LIMIT: Duration = Duration::from_secs(3);
+
+/// How long the look-up of resume positions waits at most (see [`Probe::at_or_before`]).
+const RESUME_PROBE_WAIT: Duration = Duration::from_secs(3);
 
 /// How long one look-up waits for its record (see [`Probe`]).
 const PROBE_WAIT: Duration = Duration::from_millis(500);
@@ -1346,25 +1357,34 @@ impl Probe {
             matches!(landing, Some(Landing::Record { offset, .. }) if targets.get(&p).is_some_and(|&t| *offset <= t))
         };
         // Done when, for every partition, a usable position answered and every later one has
-        // answered too (a later usable one means less to read again; positions inside a
-        // batch-serving broker's last batch never answer and cost the look-up wait).
-        let enough = |answers: &[Option<Landing>], _: Duration| {
-            targets.keys().all(|&p| {
+        // answered too (a later usable one means less to read again); or, as positions inside
+        // a batch-serving broker's last batch never answer, once every partition has a usable
+        // answer and twice the time that took has passed. A new consumer's first answer takes
+        // about half a second on tansu: with the plain look-up wait only the first offset
+        // answered in time, and a resume re-read whole partitions (10 s in the recovery bench).
+        let all_good_at = std::cell::Cell::new(None::<Duration>);
+        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
+            let mut settled = true;
+            for &p in targets.keys() {
                 let best = answers
                     .iter()
                     .enumerate()
                     .filter(|&(i, a)| probes[i].0 == p && good(i, a))
                     .map(|(i, _)| probes[i].1)
                     .max();
-                best.is_some_and(|best| {
-                    answers
-                        .iter()
-                        .enumerate()
-                        .all(|(i, a)| probes[i].0 != p || probes[i].1 <= best || a.is_some())
-                })
-            })
+                let Some(best) = best else {
+                    return false;
+                };
+                settled &= answers
+                    .iter()
+                    .enumerate()
+                    .all(|(i, a)| probes[i].0 != p || probes[i].1 <= best || a.is_some());
+            }
+            let at = all_good_at.get().unwrap_or(elapsed);
+            all_good_at.set(Some(at));
+            settled || elapsed >= at * 2 + Duration::from_millis(50)
         };
-        let landed = self.land_until(&probes, PROBE_WAIT, enough)?;
+        let landed = self.land_until(&probes, RESUME_PROBE_WAIT, enough)?;
         let mut at: HashMap<i32, i64> = HashMap::new();
         for (i, landing) in landed.iter().enumerate() {
             let (p, probe) = probes[i];

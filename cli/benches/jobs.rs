@@ -17,15 +17,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clickpulse_protocol::Tenant;
-use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::unique_name;
 use common::*;
 use futures_util::{StreamExt, stream};
-use tokio_util::sync::CancellationToken;
 
 const TENANTS: usize = 60;
 /// Users of the dataset replayed (of 989,818): a few thousand events per tenant.
@@ -47,16 +44,8 @@ async fn bench() {
     let tenants: Vec<Tenant> = (0..TENANTS)
         .map(|i| Tenant::new(unique_name(&format!("b{i}"))).unwrap())
         .collect();
-    let data = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/msnbc990928.seq.gz");
     let replay_started = Instant::now();
-    let mut replay = ReplayConfig::new(
-        Source::File(data),
-        cluster.broker.bootstrap(),
-        tenants.clone(),
-    );
-    replay.limit = Some(USERS);
-    replay.progress = ProgressMode::Quiet;
-    let summary = clickpulse_replay::run(&replay, &CancellationToken::new()).unwrap();
+    let summary = cluster.replay_dataset(&tenants, Some(USERS));
     eprintln!(
         "replayed {} events of {USERS} users into {TENANTS} tenants in {:.1?}",
         summary.events,

@@ -21,11 +21,9 @@ mod common;
 use std::time::{Duration, Instant};
 
 use clickpulse_protocol::Tenant;
-use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::process::Daemon;
 use clickpulse_tests::unique_name;
 use common::*;
-use tokio_util::sync::CancellationToken;
 
 /// The whole topic must be read within this.
 const RUN_LIMIT: Duration = Duration::from_secs(600);
@@ -101,7 +99,6 @@ fn checkpoint_figures(engines: &[&Daemon], key: &str) -> Vec<f64> {
 
 async fn bench() {
     let cluster = Cluster::start().await;
-    let data = repo().join("data/msnbc990928.seq.gz");
     let users = dataset_users();
     let end_ms = newest_event_ms(&users, 0, 1) - 5_000 - 10_000;
     let runs: Vec<Tenant> = ["off", "on", "kill"]
@@ -110,13 +107,7 @@ async fn bench() {
         .collect();
     for tenant in &runs {
         let started = Instant::now();
-        let mut replay = ReplayConfig::new(
-            Source::File(data.clone()),
-            cluster.broker.bootstrap(),
-            vec![tenant.clone()],
-        );
-        replay.progress = ProgressMode::Quiet;
-        let summary = clickpulse_replay::run(&replay, &CancellationToken::new()).unwrap();
+        let summary = cluster.replay_dataset(std::slice::from_ref(tenant), None);
         eprintln!(
             "replayed {} events into {tenant} in {:.1?}",
             summary.events,

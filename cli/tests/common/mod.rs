@@ -64,13 +64,30 @@ impl Cluster {
 
     /// Replays `users` synthetic visitors into each tenant's topic (all of them for each).
     pub fn replay(&self, tenants: &[Tenant], users: u64) {
-        let mut config = ReplayConfig::new(
-            Source::Synthetic { users, seed: 5 },
-            self.broker.bootstrap(),
-            tenants.to_vec(),
-        );
+        self.replay_source(Source::Synthetic { users, seed: 5 }, tenants, None);
+    }
+
+    /// Replays the MSNBC data file (its first `limit` users) into the tenants' topics, user
+    /// u to tenant u mod n, at full speed.
+    pub fn replay_dataset(
+        &self,
+        tenants: &[Tenant],
+        limit: Option<u64>,
+    ) -> clickpulse_replay::Summary {
+        let data = repo().join("data/msnbc990928.seq.gz");
+        self.replay_source(Source::File(data), tenants, limit)
+    }
+
+    fn replay_source(
+        &self,
+        source: Source,
+        tenants: &[Tenant],
+        limit: Option<u64>,
+    ) -> clickpulse_replay::Summary {
+        let mut config = ReplayConfig::new(source, self.broker.bootstrap(), tenants.to_vec());
+        config.limit = limit;
         config.progress = ProgressMode::Quiet;
-        clickpulse_replay::run(&config, &CancellationToken::new()).unwrap();
+        clickpulse_replay::run(&config, &CancellationToken::new()).unwrap()
     }
 
     pub async fn gateway(&self, id: &str) -> (Running, CancellationToken) {

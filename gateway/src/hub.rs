@@ -6,9 +6,10 @@
 //!                     │
 //!                     ├─▶ latest[tenant][stream] = json        (snapshot for new subscribers)
 //!                     └─▶ for each subscriber of (tenant, stream): Mailbox::offer
-//!                              at most one pending message per stream: a newer result
-//!                              replaces an unsent older one (conflation), so a slow client
-//!                              gets fewer, fresher results and its memory stays bounded
+//!                              a bounded queue per stream: a newer result replaces an
+//!                              unsent older one (conflation; a series keeps its newest
+//!                              SERIES_UNSENT), so a slow client gets fewer, fresher
+//!                              results and its memory stays bounded
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::results::{Admit, Order, Stream};
-use clickpulse_protocol::ws::Position;
+use clickpulse_protocol::ws::{Position, SERIES_UNSENT};
 use clickpulse_protocol::zmq::ResultFrame;
 use tokio::sync::Notify;
 
@@ -62,8 +63,11 @@ impl Outgoing {
 
 #[derive(Debug, Default)]
 struct Slots {
+    /// Streams with something pending, the one waiting longest first.
     order: VecDeque<Stream>,
-    pending: HashMap<Stream, Outgoing>,
+    /// Unsent messages per stream, oldest first: one at most, or [`SERIES_UNSENT`] for a
+    /// series ([`Stream::is_series`]).
+    pending: HashMap<Stream, VecDeque<Outgoing>>,
     /// Since when messages have been pending without one being taken: how long the client
     /// has made no progress.
     backlog_since: Option<Instant>,
@@ -73,8 +77,8 @@ struct Slots {
     closed: bool,
 }
 
-/// A client's outgoing queue: at most one pending message per stream (so at most
-/// `Stream::ALL.len()` in all), oldest stream first.
+/// A client's outgoing queue: at most one pending message per stream, or the newest
+/// [`SERIES_UNSENT`] of a series (so a bounded number in all); streams are served in turn.
 #[derive(Debug, Default)]
 pub struct Mailbox {
     slots: Mutex<Slots>,
@@ -104,16 +108,19 @@ impl Mailbox {
             s.backlog_since = Some(Instant::now());
         }
         let stream = msg.stream;
-        let replaced = match s.pending.insert(stream, msg) {
-            Some(_) => {
-                self.conflated.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            None => {
-                s.order.push_back(stream);
-                false
-            }
-        };
+        let keep = if stream.is_series() { SERIES_UNSENT } else { 1 };
+        let queue = s.pending.entry(stream).or_default();
+        let was_empty = queue.is_empty();
+        let replaced = queue.len() >= keep;
+        if replaced {
+            queue.pop_front();
+            self.conflated.fetch_add(1, Ordering::Relaxed);
+        }
+        queue.push_back(msg);
+        // A stream is in `order` exactly while it has something pending.
+        if was_empty {
+            s.order.push_back(stream);
+        }
         drop(s);
         self.notify.notify_one();
         replaced
@@ -158,9 +165,21 @@ impl Mailbox {
         let Some(i) = pick else {
             return (None, next_due);
         };
-        let msg = s.order.remove(i).and_then(|st| s.pending.remove(&st));
-        if let Some(m) = &msg {
-            s.last_sent.insert(m.stream, now);
+        let Some(stream) = s.order.remove(i) else {
+            return (None, None);
+        };
+        let (msg, more) = match s.pending.get_mut(&stream) {
+            Some(queue) => (queue.pop_front(), !queue.is_empty()),
+            None => (None, false),
+        };
+        if more {
+            // Its next one waits behind the other streams' (and the rate cap).
+            s.order.push_back(stream);
+        } else {
+            s.pending.remove(&stream);
+        }
+        if msg.is_some() {
+            s.last_sent.insert(stream, now);
         }
         s.backlog_since = (!s.pending.is_empty()).then_some(now);
         (msg, None)
@@ -514,6 +533,52 @@ mod tests {
         assert_eq!(mailbox.take(), None, "bounded: one message per stream");
         assert_eq!(mailbox.conflated(), 1998);
         assert_eq!(mailbox.backlog_age(), None);
+    }
+
+    #[test]
+    fn a_series_keeps_its_newest_unsent_results_and_streams_take_turns() {
+        let mailbox = Mailbox::new();
+        let total = SERIES_UNSENT + 10;
+        for i in 0..total {
+            mailbox.offer(Outgoing::new(
+                Stream::PageViews,
+                format!("{i}").into(),
+                false,
+            ));
+        }
+        mailbox.offer(Outgoing::new(Stream::TopN, "t".into(), false));
+        assert_eq!(
+            mailbox.conflated(),
+            10,
+            "only the oldest ticks were dropped"
+        );
+        let first = mailbox.take().unwrap();
+        assert_eq!(&*first.json, "10");
+        assert_eq!(
+            mailbox.take().map(|m| m.stream),
+            Some(Stream::TopN),
+            "a burst of one stream does not hold the others back"
+        );
+        let rest: Vec<String> = std::iter::from_fn(|| mailbox.take())
+            .map(|m| m.json.to_string())
+            .collect();
+        let expected: Vec<String> = (11..total).map(|i| i.to_string()).collect();
+        assert_eq!(rest, expected, "in order, none twice");
+        assert_eq!(mailbox.backlog_age(), None);
+
+        // A replaced latest-value result keeps its stream's one turn: nothing stalls behind it.
+        for i in 0..3 {
+            mailbox.offer(Outgoing::new(Stream::Totals, format!("{i}").into(), false));
+            mailbox.offer(Outgoing::new(
+                Stream::PageViews,
+                format!("p{i}").into(),
+                false,
+            ));
+        }
+        let sent: Vec<String> = std::iter::from_fn(|| mailbox.take())
+            .map(|m| m.json.to_string())
+            .collect();
+        assert_eq!(sent, ["2", "p0", "p1", "p2"]);
     }
 
     #[test]

@@ -72,6 +72,20 @@ impl Stream {
     pub fn parse(name: &str) -> Option<Stream> {
         Stream::ALL.into_iter().find(|s| s.as_str() == name)
     }
+
+    /// Whether each result covers an interval of its own (`pageviews` per tick, `sessions`
+    /// per slide), so a chart wants every one; the other streams' results each supersede the
+    /// previous (a window that slid on, totals that grew). Gateways conflate accordingly (see
+    /// [`crate::ws`]).
+    ///
+    /// ```
+    /// use clickpulse_protocol::results::Stream;
+    /// assert!(Stream::PageViews.is_series());
+    /// assert!(!Stream::TopN.is_series());
+    /// ```
+    pub fn is_series(self) -> bool {
+        matches!(self, Stream::PageViews | Stream::Sessions)
+    }
 }
 
 /// Views of one page. The name borrows from the page catalogue when it can, so building a

@@ -21,7 +21,10 @@
 //!
 //! On `subscribe`, the latest result of each stream is sent at once with `"snapshot": true`,
 //! then live results with `"snapshot": false`. `max_rate_hz` caps how often one stream is sent
-//! to this client; newer results replace unsent older ones of the same stream. `after` resumes a
+//! to this client. A client that falls behind gets conflated results: of a stream whose results
+//! supersede each other (`window`, `topn`, `totals`) only the newest unsent one is kept; of a
+//! series (`pageviews`, `sessions`, see [`Stream::is_series`]) the newest
+//! [`SERIES_UNSENT`] are, so a burst (a job catching up) reaches a chart whole. `after` resumes a
 //! client that reconnects: nothing at or before that `(run, seq)` (see [`crate::results`]) is
 //! sent to it, snapshots included, so a result reaches it at most once across reconnects.
 
@@ -29,6 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::results::{ResultMsg, Stream};
 use crate::tenant::Tenant;
+
+/// Unsent results of a series stream a gateway keeps per client before it drops the oldest.
+pub const SERIES_UNSENT: usize = 64;
 
 /// A message from a browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

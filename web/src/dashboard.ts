@@ -6,15 +6,20 @@ import { ago, el, fixed, int, pct, utc } from "./format";
 import { STREAMS, type PageCount, type Result, type ServerMsg, type SessionStats, type Totals } from "./protocol";
 import type { Claims } from "./token";
 
-/** Event-time points kept per chart. */
-const HISTORY = 180;
+/** Event-time points kept per chart: a window's worth of 1-second ticks. */
+const HISTORY = 300;
 /** Frames per second at most: results can arrive far faster than anyone can read them. */
 const RENDER_INTERVAL_MS = 250;
-/** Asked of the gateway, per stream. */
-const MAX_RATE_HZ = 10;
+/**
+ * Asked of the gateway, per stream. Rendering is capped above, so this only bounds messages:
+ * high enough that a replay at up to 200x still delivers every 1-second page-view tick (the
+ * chart shows a break where the gateway conflated ticks away, e.g. during a job's backfill).
+ */
+const MAX_RATE_HZ = 200;
 
 interface Tick {
   t: number;
+  end: number;
   pages: PageCount[];
 }
 
@@ -48,7 +53,7 @@ class State {
     this.watermark = Math.max(this.watermark ?? 0, r.watermark_ms);
     switch (r.stream) {
       case "pageviews":
-        insertByTime(this.ticks, { t: r.window_start_ms, pages: r.data.pages });
+        insertByTime(this.ticks, { t: r.window_start_ms, end: r.window_end_ms, pages: r.data.pages });
         break;
       case "window":
         this.window = r;
@@ -72,6 +77,21 @@ class State {
     }
     this.dirty = true;
   }
+}
+
+/**
+ * Chart points of `ticks`, with a break (a null point) after a tick that the next one does not
+ * follow: a tick with no views is never sent, and the gateway may have conflated some away, so
+ * the chart must not draw a line across what it never saw.
+ */
+function withGaps(ticks: Tick[], value: (t: Tick) => number): [number, number | null][] {
+  const out: [number, number | null][] = [];
+  ticks.forEach((t, i) => {
+    out.push([t.t, value(t)]);
+    const next = ticks[i + 1];
+    if (next && next.t > t.end) out.push([t.end, null]);
+  });
+  return out;
 }
 
 function insertByTime<T extends { t: number }>(list: T[], item: T): void {
@@ -195,7 +215,12 @@ function setupCharts(c: { pv: Chart; top: Chart; ses: Chart }): void {
     grid: { ...grid, top: 56 },
     tooltip: { trigger: "axis" },
     legend: { type: "scroll", top: 0 },
-    xAxis: { type: "category", boundaryGap: false, axisLabel: { hideOverlap: true } },
+    // A time axis, not categories: ticks the gateway conflated away (a fast backfill, a slow
+    // link) show as a gap instead of squeezing minutes into one step.
+    xAxis: {
+      type: "time",
+      axisLabel: { hideOverlap: true, formatter: (ms: number) => timeLabel(ms) },
+    },
     yAxis: { type: "value", name: "views/s" },
     series: [],
   });
@@ -239,7 +264,6 @@ function render(
   const pages = [...byPage.entries()].sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0])).map((e) => e[0]);
   c.pv.setOption(
     {
-      xAxis: { data: s.ticks.map((t) => timeLabel(t.t)) },
       series: pages.map((page) => ({
         type: "line",
         name: page,
@@ -247,7 +271,7 @@ function render(
         areaStyle: {},
         showSymbol: false,
         lineStyle: { width: 0.5 },
-        data: s.ticks.map((t) => t.pages.find((p) => p.page === page)?.views ?? 0),
+        data: withGaps(s.ticks, (t) => t.pages.find((p) => p.page === page)?.views ?? 0),
       })),
     },
     { replaceMerge: ["series"] },

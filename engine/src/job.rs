@@ -162,6 +162,9 @@ pub struct JobReport {
     /// Records read again after a resume and skipped, being older than the checkpoint (a
     /// broker that serves fetches from batch starts only).
     pub skipped: u64,
+    /// Records older than a fresh job's start time (`--from window`), read because the seek
+    /// landed before it, and not taken.
+    pub before_start: u64,
 }
 
 /// Runs a tenant job until `shutdown` is cancelled.
@@ -289,6 +292,7 @@ pub async fn run_job(
                 epoch = config.epoch,
                 records = report.records,
                 skipped = report.skipped,
+                before_start = report.before_start,
                 late = report.late,
                 results = report.results,
                 watermark_ms = pipeline.watermark(),
@@ -381,6 +385,10 @@ pub async fn run_job(
                             }
                             Admission::Late => {
                                 report.late += 1;
+                                None
+                            }
+                            Admission::BeforeStart => {
+                                report.before_start += 1;
                                 None
                             }
                             // Counted by the pipeline already.
@@ -675,13 +683,13 @@ const MERGE_BATCH: usize = 16_384;
 /// checkpoints into the scan. A topic that does not exist yet is empty. Blocking.
 fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Result<Scan, JobError> {
     let started = std::time::Instant::now();
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<JobContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("clickpulse-restore.{topic}"))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("max.partition.fetch.bytes", "4194304")
-        .create()?;
+        .create_with_context(JobContext)?;
     let metadata = consumer.fetch_metadata(Some(topic), LOOKUP_TIMEOUT)?;
     let exists = metadata
         .topics()
@@ -923,7 +931,8 @@ fn assign(
     })
 }
 
-/// The job's Kafka client context: end-of-partition is news for the idle check (it arrives
+/// The job's Kafka client context (its consumer and its look-up and restore consumers):
+/// end-of-partition is news for the idle check (it arrives
 /// through `recv`), not an error to log; real client errors are logged once, with the reason.
 pub struct JobContext;
 
@@ -971,11 +980,11 @@ struct Probe {
 /// destroyed on a thread of its own: librdkafka's destroy waits for every reference to the
 /// partition to go, which on a live topic was seen to take many seconds (the seek, and with it
 /// the job's start, must not wait for that).
-struct ProbeConsumer(Option<BaseConsumer>);
+struct ProbeConsumer(Option<BaseConsumer<JobContext>>);
 
 impl std::ops::Deref for ProbeConsumer {
-    type Target = BaseConsumer;
-    fn deref(&self) -> &BaseConsumer {
+    type Target = BaseConsumer<JobContext>;
+    fn deref(&self) -> &BaseConsumer<JobContext> {
         self.0.as_ref().expect("a probe consumer until dropped")
     }
 }
@@ -1114,7 +1123,7 @@ impl Probe {
             // made reading it take seconds in `scripts/bench jobs`).
             config.set("max.partition.fetch.bytes", "4194304");
         }
-        let consumer: BaseConsumer = config.create()?;
+        let consumer: BaseConsumer<JobContext> = config.create_with_context(JobContext)?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&self.topic, partition, Offset::Offset(offset))?;
         consumer.assign(&list)?;

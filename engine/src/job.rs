@@ -44,11 +44,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::checkpoint::{self, CheckpointError, Found, Scan};
+use crate::checkpoint::{self, CheckpointError, Scan};
 use crate::config::OperatorConfig;
 use crate::history::{Changelog, HistoryStore, RedbStore};
 use crate::output::{Output, OutputError};
-use crate::pipeline::{Admission, EngineError, Pipeline};
+use crate::pipeline::{Admission, EngineError, Pipeline, PipelineState};
 
 /// Where a starting job begins reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -219,11 +219,11 @@ pub async fn run_job(
     } = started?;
     let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
     let mut report = JobReport::default();
-    let mut pipeline = match &resumed {
-        Some(found) => {
-            let state =
-                Pipeline::<RedbStore>::state_from_bytes(&checkpoint::unpack(&found.packed)?)?;
-            report.resumed = Some((found.manifest.epoch, found.manifest.n));
+    let mut previous = None;
+    let mut pipeline = match resumed {
+        Some((manifest, state)) => {
+            report.resumed = Some((manifest.epoch, manifest.n));
+            previous = Some(manifest);
             let mut pipeline = Pipeline::restore(config.tenant.clone(), config.epoch, state, store);
             pipeline.forget_idleness();
             pipeline
@@ -242,7 +242,7 @@ pub async fn run_job(
     let mut checkpoints = Checkpoints {
         epoch: config.epoch,
         n: 0,
-        previous: resumed.map(|f| f.manifest),
+        previous,
         obsolete,
         positions: offsets.into_iter().collect(),
     };
@@ -588,7 +588,8 @@ struct Started {
     /// Records below these offsets are skipped (re-read after a resume).
     skip_below: HashMap<i32, i64>,
     store: Changelog<RedbStore>,
-    resumed: Option<Found>,
+    /// The checkpoint resumed and its operator state.
+    resumed: Option<(Manifest, PipelineState)>,
     obsolete: Vec<Manifest>,
 }
 
@@ -607,12 +608,37 @@ fn start(
         None => Scan::default(),
     };
     let found = scan.latest();
-    let resumable = found.as_ref().is_some_and(|f| {
+    let wanted = found.as_ref().is_some_and(|f| {
         config.start == StartFrom::Earliest
             || (f.manifest.stopped != Some(Stopped::Linger)
                 && now_ms().saturating_sub(f.manifest.created_at_ms)
                     <= i64::try_from(config.resume_max_age.as_millis()).unwrap_or(i64::MAX))
     });
+    // A checkpoint whose state does not decode (written by an incompatible version, or
+    // damaged despite its CRC) cannot be resumed: the job starts afresh instead of failing
+    // at every start, and says so.
+    let state = match &found {
+        Some(f) if wanted => {
+            match checkpoint::unpack(&f.packed)
+                .map_err(JobError::from)
+                .and_then(|bytes| Ok(Pipeline::<RedbStore>::state_from_bytes(&bytes)?))
+            {
+                Ok(state) => Some(state),
+                Err(error) => {
+                    tracing::warn!(
+                        tenant = %config.tenant,
+                        epoch = f.manifest.epoch,
+                        n = f.manifest.n,
+                        %error,
+                        "checkpoint state unusable; starting afresh"
+                    );
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let resumable = state.is_some();
     if let Some(f) = &found {
         tracing::info!(
             tenant = %config.tenant,
@@ -637,7 +663,7 @@ fn start(
         })
         .cloned()
         .collect();
-    if resumable && let Some(found) = found {
+    if let (Some(state), Some(found)) = (state, found) {
         let Assignment {
             partitions,
             offsets,
@@ -650,7 +676,7 @@ fn start(
             offsets,
             skip_below,
             store,
-            resumed: Some(found),
+            resumed: Some((found.manifest, state)),
             obsolete,
         });
     }

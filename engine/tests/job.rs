@@ -10,6 +10,7 @@ use clickpulse_engine::{MemStore, OperatorConfig, Pipeline};
 use clickpulse_protocol::click::ClickRef;
 use clickpulse_protocol::dead::{REASON_HEADER, SOURCE_HEADER, SourcePosition};
 use clickpulse_protocol::results::{ResultBody, ResultMsg};
+use clickpulse_protocol::state::Manifest;
 use clickpulse_protocol::{Tenant, topics};
 use clickpulse_replay::{ProgressMode, ReplayConfig, Source};
 use clickpulse_tests::{Broker, unique_name};
@@ -425,4 +426,84 @@ async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_not
         Some(before_end),
         "every record counted once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_start() {
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("undecodable")).unwrap();
+    replay(&broker, &tenant, 500);
+    let records = read_back(&broker, &topics::clicks(&tenant));
+
+    // A complete checkpoint — chunks, then the manifest, CRC right — whose state is not one
+    // this version reads (as after an upgrade that changed the operator state).
+    let packed = clickpulse_engine::checkpoint::pack(b"not a pipeline state").unwrap();
+    let mut manifest = Manifest {
+        version: 1,
+        tenant: tenant.clone(),
+        epoch: 1,
+        n: 1,
+        run: 1,
+        chunks: 0,
+        bytes: 0,
+        crc32: 0,
+        offsets: vec![],
+        seq: 40,
+        watermark_ms: 0,
+        created_at_ms: 0,
+        stopped: None,
+    };
+    let state_topic = topics::state(&tenant);
+    let kafka = clickpulse_replay::KafkaConfig {
+        brokers: broker.bootstrap().to_owned(),
+        connect_timeout: Duration::from_secs(10),
+        delivery_timeout: Duration::from_secs(10),
+    };
+    clickpulse_replay::kafka::ensure_topics_with(
+        &kafka,
+        std::slice::from_ref(&state_topic),
+        1,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .unwrap();
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    for (key, value) in clickpulse_engine::checkpoint::records(&mut manifest, &packed, None) {
+        let value = value.unwrap();
+        producer
+            .send(BaseRecord::to(&state_topic).key(&key).payload(&value))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = config(&broker, &tenant, &dir);
+    job.epoch = 2;
+    job.checkpoint_interval = Some(Duration::from_secs(1));
+    let (got, report) = run_until_quiet(job).await;
+    assert_eq!(
+        report.resumed, None,
+        "the undecodable checkpoint was not resumed"
+    );
+    // A fresh run under the new epoch: what an uninterrupted run computes, numbered from 1.
+    let (expected, _) = in_memory(&tenant, &records);
+    assert!(!expected.is_empty());
+    assert_eq!(got.len(), expected.len());
+    for (got, want) in got.iter().zip(&expected) {
+        assert_eq!(got.run, 2);
+        assert!(
+            same_result(
+                got,
+                &ResultMsg {
+                    run: 2,
+                    ..want.clone()
+                }
+            ),
+            "result {} differs:\n {got:?}\n {want:?}",
+            want.seq
+        );
+    }
 }

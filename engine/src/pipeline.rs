@@ -43,9 +43,6 @@ pub enum Admission {
     Late,
     /// A page outside the catalogue: counted; the job dead-letters it.
     UnknownPage,
-    /// Before the start the job declared ([`Pipeline::backfill_from`]): not part of its
-    /// input (a broker's seek lands at or before the start, not on it).
-    BeforeStart,
     /// An event time outside ±[`MAX_ABS_TIME_MS`]: counted; the job dead-letters it.
     BadTime,
 }
@@ -230,10 +227,10 @@ impl<S: HistoryStore> Pipeline<S> {
     }
 
     /// Declares that input starts at `start_ms` (a job seeking to the newest event time minus
-    /// one window): earlier events are not taken ([`Admission::BeforeStart`]; a seek lands at
-    /// or before the start, on some brokers far before), and sliding windows that began
-    /// earlier would be partial, so they are not emitted: the first window a dashboard sees
-    /// is a complete one, and no tick older than it.
+    /// one window): sliding windows that began earlier would be partial, so they are not
+    /// emitted, and the first window a dashboard sees is a complete one. Earlier events (a
+    /// seek lands at or before the start) still count: for a tenant quiet in its last window
+    /// they are all there is to show.
     pub fn backfill_from(&mut self, start_ms: i64) {
         self.state.windows_from_ms = start_ms;
     }
@@ -311,9 +308,6 @@ impl<S: HistoryStore> Pipeline<S> {
             return Ok(Admission::BadTime);
         }
         let s = &mut self.state;
-        if time_ms < s.windows_from_ms {
-            return Ok(Admission::BeforeStart);
-        }
         if time_ms < s.watermark.current() {
             s.totals.late += 1;
             return Ok(Admission::Late);

@@ -3,19 +3,23 @@
 //!
 //! ```text
 //!  write (every interval, and at a clean stop)        restore (a job starting on any engine)
-//!   history updates ─▶ history/<v>  (changelog)        read state.<tenant> from the start:
-//!   operator state ─deflate─▶ chunk/<e>.<n>/<i> …        history/<v>  ─▶ local store (newest wins)
-//!   manifest/<e>  (chunks, CRC-32, offsets, seq) ◀─last   chunk/…      ─▶ kept by checkpoint id
-//!   tombstones for the chunks of checkpoint n-1          manifest/<e> ─▶ highest epoch complete
+//!   history changed ─deflate─▶ historylog/<e>.<n>/<i>     read state.<tenant> from the start:
+//!     (or all of it, a snapshot, then tombstones           historylog/… ─▶ local store (newest wins)
+//!      for the older logs)                                  chunk/…      ─▶ kept by checkpoint id
+//!   operator state ─deflate─▶ chunk/<e>.<n>/<i> …          manifest/<e> ─▶ highest epoch complete
+//!   manifest/<e>  (chunks, CRC-32, offsets, seq) ◀─last
+//!   tombstones for the chunks of checkpoint n-1
 //! ```
 //!
 //! No I/O here: the job moves the records; this module says what they are and what a scan of
 //! them means.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{Read, Write};
 
-use clickpulse_protocol::state::{CHUNK_BYTES, Key, Manifest, VisitorHistory};
+use clickpulse_protocol::state::{
+    CHUNK_BYTES, HISTORY_LOG_ENTRIES, Key, Manifest, VisitorHistory, decode_entries, encode_entries,
+};
 
 /// A record to write to `state.<tenant>`: its key and value (`None`: a tombstone).
 pub type StateRecord = (String, Option<Vec<u8>>);
@@ -42,6 +46,27 @@ pub fn unpack(packed: &[u8]) -> Result<Vec<u8>, CheckpointError> {
     let mut out = Vec::with_capacity(packed.len() * 4);
     flate2::read::ZlibDecoder::new(packed).read_to_end(&mut out)?;
     Ok(out)
+}
+
+/// The history-log records of checkpoint `n` of owner `epoch`: `entries` in records of up to
+/// [`HISTORY_LOG_ENTRIES`], each deflated.
+pub fn history_records(
+    epoch: u64,
+    n: u64,
+    entries: &[(u64, VisitorHistory)],
+) -> Result<Vec<(Key, Vec<u8>)>, CheckpointError> {
+    entries
+        .chunks(HISTORY_LOG_ENTRIES)
+        .enumerate()
+        .map(|(index, part)| {
+            let key = Key::HistoryLog {
+                epoch,
+                n,
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+            };
+            Ok((key, pack(&encode_entries(part))?))
+        })
+        .collect()
 }
 
 /// CRC-32 (IEEE) of a checkpoint's packed state.
@@ -92,8 +117,10 @@ pub struct Found {
 pub struct Scan {
     chunks: HashMap<(u64, u64), BTreeMap<u32, Vec<u8>>>,
     manifests: BTreeMap<u64, Manifest>,
-    /// History records read (handed to the caller).
+    /// History entries read (handed to the caller), from logs and single-visitor records.
     pub history_records: u64,
+    /// The history-log records on the topic (not deleted by a later tombstone).
+    history_logs: BTreeSet<Key>,
     /// Records whose key or value is not of the format: skipped and counted.
     pub unreadable: u64,
 }
@@ -126,6 +153,27 @@ impl Scan {
             },
             // A deleted visitor: nothing to restore (clickpulse writes none).
             (Key::History(_), None) => {}
+            (key @ Key::HistoryLog { .. }, Some(v)) => {
+                match unpack(v)
+                    .map_err(|e| e.to_string())
+                    .and_then(|raw| decode_entries(&raw).map_err(|e| e.to_string()))
+                {
+                    Ok(entries) => {
+                        self.history_records += entries.len() as u64;
+                        self.history_logs.insert(key);
+                        for (visitor, h) in entries {
+                            history(visitor, h);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(key = key.encode(), %error, "unreadable history log skipped");
+                        self.unreadable += 1;
+                    }
+                }
+            }
+            (key @ Key::HistoryLog { .. }, None) => {
+                self.history_logs.remove(&key);
+            }
             (Key::Chunk { epoch, n, index }, Some(v)) => {
                 self.chunks
                     .entry((epoch, n))
@@ -161,6 +209,12 @@ impl Scan {
                 self.manifests.remove(&epoch);
             }
         }
+    }
+
+    /// The history-log records left on the topic, oldest first: what a job's next snapshot
+    /// deletes.
+    pub fn history_logs(&self) -> impl Iterator<Item = Key> + '_ {
+        self.history_logs.iter().copied()
     }
 
     /// Manifests read, by epoch (the newest of each).
@@ -324,6 +378,51 @@ mod tests {
         );
         assert_eq!(got, vec![(9, h)]);
         assert_eq!((scan.history_records, scan.unreadable), (1, 4));
+    }
+
+    #[test]
+    fn history_logs_reach_the_caller_in_records_of_bounded_size() {
+        let h = |v: u64| VisitorHistory {
+            sessions: 1,
+            views: 1,
+            last_seen_ms: v as i64,
+            first_close_ms: 0,
+        };
+        let entries: Vec<(u64, VisitorHistory)> = (0..(HISTORY_LOG_ENTRIES as u64 * 2 + 5))
+            .map(|v| (v, h(v)))
+            .collect();
+        let records = history_records(3, 8, &entries).unwrap();
+        assert_eq!(records.len(), 3);
+        assert!(records.iter().all(|(_, v)| v.len() <= CHUNK_BYTES));
+        let mut scan = Scan::default();
+        let mut got = Vec::new();
+        for (key, value) in &records {
+            scan.add(Some(key.encode().as_bytes()), Some(value), |v, h| {
+                got.push((v, h))
+            });
+        }
+        assert_eq!(got, entries);
+        assert_eq!(scan.history_records, entries.len() as u64);
+        let keys: Vec<Key> = scan.history_logs().collect();
+        assert_eq!(keys, records.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+
+        // A tombstone forgets a log; a damaged one is counted and its entries not used.
+        scan.add(Some(keys[0].encode().as_bytes()), None, |_, _| {});
+        let damaged = Key::HistoryLog {
+            epoch: 3,
+            n: 9,
+            index: 0,
+        }
+        .encode();
+        scan.add(Some(damaged.as_bytes()), Some(b"not deflated"), |_, _| {
+            panic!("nothing from a damaged log")
+        });
+        let short = pack(&[0u8; 10]).unwrap();
+        scan.add(Some(damaged.as_bytes()), Some(&short), |_, _| {
+            panic!("nothing from a partial entry")
+        });
+        assert_eq!(scan.unreadable, 2);
+        assert_eq!(scan.history_logs().collect::<Vec<_>>(), keys[1..]);
     }
 
     #[test]

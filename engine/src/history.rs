@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +97,10 @@ pub trait HistoryStore {
     }
     /// Bytes the store occupies (file size on disk, or exact heap use in memory).
     fn bytes(&self) -> u64;
+    /// Visitors with history.
+    fn visitors(&mut self) -> Result<u64, StoreError>;
+    /// Every visitor's history, in visitor order (a history snapshot).
+    fn all(&mut self) -> Result<Vec<(u64, History)>, StoreError>;
 }
 
 /// In-memory store (tests, benchmarks of the operators alone).
@@ -120,6 +124,16 @@ impl HistoryStore for MemStore {
 
     fn bytes(&self) -> u64 {
         (self.map.capacity() * (std::mem::size_of::<(u64, History)>() + 1)) as u64
+    }
+
+    fn visitors(&mut self) -> Result<u64, StoreError> {
+        Ok(self.map.len() as u64)
+    }
+
+    fn all(&mut self) -> Result<Vec<(u64, History)>, StoreError> {
+        let mut all: Vec<(u64, History)> = self.map.iter().map(|(v, h)| (*v, *h)).collect();
+        all.sort_unstable_by_key(|(v, _)| *v);
+        Ok(all)
     }
 }
 
@@ -216,6 +230,32 @@ impl HistoryStore for RedbStore {
     fn bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
     }
+
+    fn visitors(&mut self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = txn.open_table(TABLE).map_err(store_err)?;
+        table.len().map_err(store_err)
+    }
+
+    fn all(&mut self) -> Result<Vec<(u64, History)>, StoreError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let table = txn.open_table(TABLE).map_err(store_err)?;
+        let mut all = Vec::new();
+        for row in table.iter().map_err(store_err)? {
+            let (visitor, value) = row.map_err(store_err)?;
+            let (sessions, views, last_seen_ms, first_close_ms) = value.value();
+            all.push((
+                visitor.value(),
+                History {
+                    sessions,
+                    views,
+                    last_seen_ms,
+                    first_close_ms,
+                },
+            ));
+        }
+        Ok(all)
+    }
 }
 
 /// A store that also keeps every update it writes, for the job to send to `state.<tenant>`
@@ -267,6 +307,14 @@ impl<S: HistoryStore> HistoryStore for Changelog<S> {
 
     fn bytes(&self) -> u64 {
         self.inner.bytes()
+    }
+
+    fn visitors(&mut self) -> Result<u64, StoreError> {
+        self.inner.visitors()
+    }
+
+    fn all(&mut self) -> Result<Vec<(u64, History)>, StoreError> {
+        self.inner.all()
     }
 }
 
@@ -437,6 +485,14 @@ mod tests {
             .unwrap();
         assert_eq!(store.get(7).unwrap(), Some(h), "the stored one is newer");
         assert_eq!(store.get(9).unwrap(), Some(older));
+        assert_eq!(store.visitors().unwrap(), 3);
+        let all = store.all().unwrap();
+        assert_eq!(
+            all.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+            [7, 8, 9],
+            "every visitor, in order"
+        );
+        assert_eq!(all[0].1, h);
     }
 
     #[test]

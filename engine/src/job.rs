@@ -218,6 +218,8 @@ pub async fn run_job(
         store,
         resumed,
         obsolete,
+        history_logs,
+        logged,
     } = started?;
     let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
     let mut report = JobReport::default();
@@ -247,6 +249,8 @@ pub async fn run_job(
         previous,
         obsolete,
         positions: offsets.into_iter().collect(),
+        history_logs,
+        logged,
     };
     let seek_ms = seek_started.elapsed().as_millis() as u64;
     tracing::info!(
@@ -492,6 +496,11 @@ struct Checkpoints {
     obsolete: Vec<Manifest>,
     /// Per partition, the first offset not yet processed.
     positions: HashMap<i32, i64>,
+    /// The history logs on the topic (read at the start or written since), and the entries
+    /// in them: when those outnumber twice the visitors, the next checkpoint writes a
+    /// snapshot and deletes these.
+    history_logs: Vec<Key>,
+    logged: u64,
 }
 
 impl Checkpoints {
@@ -506,11 +515,33 @@ impl Checkpoints {
         let started = std::time::Instant::now();
         pipeline.flush_history()?;
         let changes = pipeline.store_mut().take_changes();
-        for (visitor, h) in &changes {
-            output
-                .state(&Key::History(*visitor).encode(), Some(&h.encode()))
-                .await?;
+        let (epoch, n) = (self.epoch, self.n + 1);
+        let visitors = pipeline.store_mut().visitors().map_err(EngineError::from)?;
+        let snapshot = self.logged + changes.len() as u64 > 2 * visitors.max(1);
+        // Every visitor (the changes are in the store already), or what changed.
+        let entries = if snapshot {
+            pipeline.store_mut().all().map_err(EngineError::from)?
+        } else {
+            changes
+        };
+        let history = entries.len();
+        let logs =
+            tokio::task::spawn_blocking(move || checkpoint::history_records(epoch, n, &entries))
+                .await
+                .map_err(|e| JobError::StartUp(e.to_string()))??;
+        for (key, value) in &logs {
+            output.state(&key.encode(), Some(value)).await?;
         }
+        if snapshot {
+            // The snapshot holds everything the older logs did: they can go.
+            for key in std::mem::take(&mut self.history_logs) {
+                output.state(&key.encode(), None).await?;
+            }
+            self.logged = 0;
+        }
+        self.logged += history as u64;
+        self.history_logs
+            .extend(logs.into_iter().map(|(key, _)| key));
         // Serializing and deflating megabytes of state takes a while: on a blocking thread,
         // from a copy, so the runtime's workers go on.
         let state = pipeline.snapshot();
@@ -565,7 +596,8 @@ impl Checkpoints {
             seq = manifest.seq,
             bytes = manifest.bytes,
             chunks = manifest.chunks,
-            history = changes.len(),
+            history,
+            snapshot,
             stopped = ?stopped,
             ms = started.elapsed().as_millis() as u64,
             "checkpoint written"
@@ -588,6 +620,9 @@ struct Started {
     /// The checkpoint resumed and its operator state.
     resumed: Option<(Manifest, PipelineState)>,
     obsolete: Vec<Manifest>,
+    /// The history logs on `state.<tenant>` and how many entries they hold.
+    history_logs: Vec<Key>,
+    logged: u64,
 }
 
 /// Reads the tenant's checkpoints (rebuilding the visitor history from the changelog), then
@@ -605,6 +640,8 @@ fn start(
         None => Scan::default(),
     };
     let found = scan.latest();
+    let history_logs: Vec<Key> = scan.history_logs().collect();
+    let logged = scan.history_records;
     let wanted = found.as_ref().is_some_and(|f| {
         config.start == StartFrom::Earliest
             || (f.manifest.stopped != Some(Stopped::Linger)
@@ -675,6 +712,8 @@ fn start(
             store,
             resumed: Some((found.manifest, state)),
             obsolete,
+            history_logs,
+            logged,
         });
     }
     let Assignment {
@@ -696,6 +735,8 @@ fn start(
         store,
         resumed: None,
         obsolete,
+        history_logs,
+        logged,
     })
 }
 

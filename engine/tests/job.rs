@@ -69,6 +69,29 @@ fn read_back(broker: &Broker, topic: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A tenant's `state.<tenant>` topic, created as a job creates it, and a producer for it.
+fn state_writer(broker: &Broker, tenant: &Tenant) -> (String, BaseProducer) {
+    let topic = topics::state(tenant);
+    let kafka = clickpulse_replay::KafkaConfig {
+        brokers: broker.bootstrap().to_owned(),
+        connect_timeout: Duration::from_secs(10),
+        delivery_timeout: Duration::from_secs(10),
+    };
+    clickpulse_replay::kafka::ensure_topics_with(
+        &kafka,
+        std::slice::from_ref(&topic),
+        1,
+        1,
+        &[("cleanup.policy", "compact")],
+    )
+    .unwrap();
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    (topic, producer)
+}
+
 /// A header's value as text.
 fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     m.headers()?
@@ -453,24 +476,7 @@ async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_sta
         created_at_ms: 0,
         stopped: None,
     };
-    let state_topic = topics::state(&tenant);
-    let kafka = clickpulse_replay::KafkaConfig {
-        brokers: broker.bootstrap().to_owned(),
-        connect_timeout: Duration::from_secs(10),
-        delivery_timeout: Duration::from_secs(10),
-    };
-    clickpulse_replay::kafka::ensure_topics_with(
-        &kafka,
-        std::slice::from_ref(&state_topic),
-        1,
-        1,
-        &[("cleanup.policy", "compact")],
-    )
-    .unwrap();
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
+    let (state_topic, producer) = state_writer(&broker, &tenant);
     for (key, value) in clickpulse_engine::checkpoint::records(&mut manifest, &packed, None) {
         let value = value.unwrap();
         producer
@@ -505,5 +511,96 @@ async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_sta
             "result {} differs:\n {got:?}\n {want:?}",
             want.seq
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_log_longer_than_the_history_is_replaced_by_a_snapshot() {
+    use clickpulse_engine::checkpoint::{Scan, history_records, unpack};
+    use clickpulse_protocol::state::{Key, VisitorHistory, decode_entries};
+
+    let broker = Broker::start().unwrap();
+    let tenant = Tenant::new(unique_name("snapshot")).unwrap();
+    replay(&broker, &tenant, 300);
+
+    // An earlier owner's logs: three updates of the same 2,000 visitors (none of them in the
+    // replayed data), so the log holds three times the history it describes.
+    let (state_topic, producer) = state_writer(&broker, &tenant);
+    let old_visitor = |i: u64| 1_000_000_000 + i;
+    let mut old_keys = Vec::new();
+    for n in 1..=3u64 {
+        let entries: Vec<(u64, VisitorHistory)> = (0..2_000)
+            .map(|i| {
+                let h = VisitorHistory {
+                    sessions: n as u32,
+                    views: n as u32,
+                    last_seen_ms: n as i64,
+                    first_close_ms: 1,
+                };
+                (old_visitor(i), h)
+            })
+            .collect();
+        for (key, value) in history_records(1, n, &entries).unwrap() {
+            producer
+                .send(
+                    BaseRecord::to(&state_topic)
+                        .key(&key.encode())
+                        .payload(&value),
+                )
+                .unwrap();
+            old_keys.push(key);
+        }
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = config(&broker, &tenant, &dir);
+    job.epoch = 2;
+    job.checkpoint_interval = Some(Duration::from_secs(1));
+    let (got, report) = run_until_quiet(job).await;
+    assert!(!got.is_empty());
+    assert!(report.checkpoints >= 1);
+
+    // In the log now: each old log deleted after a snapshot by the new owner holding every
+    // visitor's newest summary; and what a restore would read from it.
+    let messages = read_messages(&broker, &state_topic);
+    let key_of = |m: &OwnedMessage| {
+        m.key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .and_then(Key::parse)
+    };
+    let snapshot_at = messages
+        .iter()
+        .position(|m| {
+            matches!(key_of(m), Some(Key::HistoryLog { epoch: 2, .. }))
+                && m.payload().is_some_and(|v| {
+                    decode_entries(&unpack(v).unwrap())
+                        .unwrap()
+                        .iter()
+                        .any(|(v, h)| *v == old_visitor(0) && h.sessions == 3)
+                })
+        })
+        .expect("a snapshot by the new owner, with the old visitors");
+    for old in &old_keys {
+        let deleted = messages
+            .iter()
+            .position(|m| key_of(m) == Some(*old) && m.payload().is_none())
+            .unwrap_or_else(|| panic!("{} was not deleted", old.encode()));
+        assert!(deleted > snapshot_at, "deleted only after the snapshot");
+    }
+    let mut scan = Scan::default();
+    let mut restored = std::collections::HashMap::new();
+    for m in &messages {
+        scan.add(m.key(), m.payload(), |v, h| {
+            let newest = restored.entry(v).or_insert(h);
+            if h.last_seen_ms > newest.last_seen_ms {
+                *newest = h;
+            }
+        });
+    }
+    assert_eq!(scan.unreadable, 0);
+    assert!(scan.history_logs().all(|k| !old_keys.contains(&k)));
+    for i in 0..2_000 {
+        assert_eq!(restored.get(&old_visitor(i)).map(|h| h.sessions), Some(3));
     }
 }

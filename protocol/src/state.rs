@@ -1,18 +1,24 @@
 //! Job checkpoints on `state.<tenant>`: what any engine needs to resume a tenant's job exactly.
 //!
-//! One partition, `cleanup.policy=compact`. Three kinds of record, told apart by the key:
+//! One partition, `cleanup.policy=compact`. These kinds of record, told apart by the key:
 //!
 //! | key                                   | value                                        |
 //! |---------------------------------------|----------------------------------------------|
-//! | `history/<visitor, 16 hex digits>`    | a visitor's history, 25 bytes ([`VisitorHistory`]) |
+//! | `historylog/<epoch>.<n>/<i>` (zero-padded) | history entries written with checkpoint *n* of owner *epoch*, zlib-deflated ([`encode_entries`]) |
 //! | `chunk/<epoch>.<n>/<i>` (zero-padded) | bytes `i·CHUNK_BYTES…` of checkpoint *n* of owner *epoch* |
 //! | `manifest/<epoch>` (zero-padded)      | the [`Manifest`] of that owner's newest checkpoint, JSON |
+//! | `history/<visitor, 16 hex digits>`    | one visitor's history, 25 bytes ([`VisitorHistory`]); written by earlier versions, still read |
 //!
-//! **History** is a changelog: every history update the job makes is written under the
-//! visitor's key, so compaction keeps each visitor's newest summary and a restore reads the
-//! topic to rebuild the store. Updates are idempotent (a session is folded in only when it ends
-//! after the summary's `last_seen_ms`), so a store that holds updates made *after* the
-//! checkpoint being restored gives the same results as one that does not.
+//! **History** is a log of visitor summaries that a restore merges into its store, the newest
+//! `last_seen_ms` of each visitor winning, so the order of entries does not matter. With each
+//! checkpoint the job writes the summaries it changed since the last, up to
+//! [`HISTORY_LOG_ENTRIES`] per record (a restore reads a few large records, not one per
+//! visitor: the broker's cost is per record). When the log holds more entries than twice the
+//! visitors it describes, the job writes every visitor's summary as one log (a snapshot) and
+//! then deletes the logs it knew of (tombstones), so the topic stays about as large as the
+//! history. Updates are idempotent (a session is folded in only when it ends after the
+//! summary's `last_seen_ms`), so a store that holds updates made *after* the checkpoint being
+//! restored gives the same results as one that does not.
 //!
 //! **A checkpoint** is the job's operator state (the engine's own serde encoding, postcard;
 //! deflated with zlib) cut into chunks under the
@@ -39,6 +45,11 @@
 //! let h = VisitorHistory { sessions: 2, views: 9, last_seen_ms: 938_476_900_000,
 //!                          first_close_ms: 938_478_000_000 };
 //! assert_eq!(VisitorHistory::decode(&h.encode()), Ok(h));
+//! assert_eq!(Key::HistoryLog { epoch: 4, n: 17, index: 0 }.encode(),
+//!            "historylog/00000000000000000004.0000000017/000000");
+//! let entries = clickpulse_protocol::state::encode_entries(&[(42, h)]);
+//! assert_eq!(entries.len(), 33); // visitor (u64 LE) + the 25-byte summary
+//! assert_eq!(clickpulse_protocol::state::decode_entries(&entries), Ok(vec![(42, h)]));
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -58,10 +69,19 @@ pub const HISTORY_V1: u8 = 0xB1;
 /// Length of a v1 visitor-history value.
 pub const HISTORY_LEN: usize = 25;
 
+/// Length of one entry of a history log: the visitor id, then its summary.
+pub const HISTORY_ENTRY_LEN: usize = 8 + HISTORY_LEN;
+
+/// Most entries in one history-log record: 396,000 bytes before deflating, under
+/// [`CHUNK_BYTES`] even if nothing compresses.
+pub const HISTORY_LOG_ENTRIES: usize = 12_000;
+const _: () = assert!(HISTORY_LOG_ENTRIES * HISTORY_ENTRY_LEN < CHUNK_BYTES);
+
 /// The key of a `state.<tenant>` record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Key {
     History(u64),
+    HistoryLog { epoch: u64, n: u64, index: u32 },
     Chunk { epoch: u64, n: u64, index: u32 },
     Manifest { epoch: u64 },
 }
@@ -70,13 +90,20 @@ impl Key {
     pub fn encode(&self) -> String {
         match self {
             Key::History(visitor) => format!("history/{visitor:016x}"),
+            Key::HistoryLog { epoch, n, index } => {
+                format!("historylog/{epoch:020}.{n:010}/{index:06}")
+            }
             Key::Chunk { epoch, n, index } => format!("chunk/{epoch:020}.{n:010}/{index:06}"),
             Key::Manifest { epoch } => format!("manifest/{epoch:020}"),
         }
     }
 
-    /// The key of a record, or `None` for a key that is not one of the three kinds.
+    /// The key of a record, or `None` for a key that is not one of the kinds.
     pub fn parse(key: &str) -> Option<Key> {
+        if let Some(rest) = key.strip_prefix("historylog/") {
+            let (epoch, n, index) = numbered(rest)?;
+            return Some(Key::HistoryLog { epoch, n, index });
+        }
         if let Some(hex) = key.strip_prefix("history/") {
             return (hex.len() == 16)
                 .then(|| u64::from_str_radix(hex, 16).ok())
@@ -84,13 +111,8 @@ impl Key {
                 .map(Key::History);
         }
         if let Some(rest) = key.strip_prefix("chunk/") {
-            let (id, index) = rest.split_once('/')?;
-            let (epoch, n) = id.split_once('.')?;
-            return Some(Key::Chunk {
-                epoch: epoch.parse().ok()?,
-                n: n.parse().ok()?,
-                index: index.parse().ok()?,
-            });
+            let (epoch, n, index) = numbered(rest)?;
+            return Some(Key::Chunk { epoch, n, index });
         }
         key.strip_prefix("manifest/")
             .and_then(|e| e.parse().ok())
@@ -98,7 +120,41 @@ impl Key {
     }
 }
 
-/// A visitor's lifetime summary, as the history changelog carries it.
+/// `<epoch>.<n>/<index>` of a chunk or history-log key.
+fn numbered(rest: &str) -> Option<(u64, u64, u32)> {
+    let (id, index) = rest.split_once('/')?;
+    let (epoch, n) = id.split_once('.')?;
+    Some((epoch.parse().ok()?, n.parse().ok()?, index.parse().ok()?))
+}
+
+/// The entries of a history-log record before deflating: per visitor, its id (u64 LE) and
+/// its [`VisitorHistory`] (25 bytes), back to back.
+pub fn encode_entries(entries: &[(u64, VisitorHistory)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.len() * HISTORY_ENTRY_LEN);
+    for (visitor, h) in entries {
+        out.extend_from_slice(&visitor.to_le_bytes());
+        out.extend_from_slice(&h.encode());
+    }
+    out
+}
+
+/// What [`encode_entries`] made; an error for a length that is not whole entries or an entry
+/// that does not decode.
+pub fn decode_entries(bytes: &[u8]) -> Result<Vec<(u64, VisitorHistory)>, StateError> {
+    if !bytes.len().is_multiple_of(HISTORY_ENTRY_LEN) {
+        return Err(StateError::LogLength(bytes.len()));
+    }
+    bytes
+        .chunks_exact(HISTORY_ENTRY_LEN)
+        .map(|e| {
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&e[..8]);
+            Ok((u64::from_le_bytes(id), VisitorHistory::decode(&e[8..])?))
+        })
+        .collect()
+}
+
+/// A visitor's lifetime summary, as the history log carries it.
 ///
 /// ```text
 /// offset  size  field
@@ -125,6 +181,8 @@ pub enum StateError {
     HistoryLength(usize),
     #[error("history value version byte is {0:#04x}; expected {HISTORY_V1:#04x}")]
     HistoryVersion(u8),
+    #[error("history log of {0} bytes is not whole {HISTORY_ENTRY_LEN}-byte entries")]
+    LogLength(usize),
 }
 
 impl VisitorHistory {
@@ -239,6 +297,11 @@ mod tests {
                 index: 3,
             },
             Key::Manifest { epoch: 99 },
+            Key::HistoryLog {
+                epoch: u64::MAX,
+                n: 7,
+                index: 11,
+            },
         ];
         for k in keys {
             assert_eq!(Key::parse(&k.encode()), Some(k));
@@ -250,6 +313,7 @@ mod tests {
             "history/2a",
             "history/zzzzzzzzzzzzzzzz",
             "chunk/1/2",
+            "historylog/1.2",
             "manifest/x",
             "other",
         ] {
@@ -276,6 +340,26 @@ mod tests {
             VisitorHistory::decode(&wrong),
             Err(StateError::HistoryVersion(0))
         );
+    }
+
+    #[test]
+    fn history_logs_round_trip_and_partial_entries_are_errors() {
+        let h = |v| VisitorHistory {
+            sessions: v,
+            views: 2 * v,
+            last_seen_ms: i64::from(v),
+            first_close_ms: -1,
+        };
+        let entries: Vec<(u64, VisitorHistory)> =
+            (0..100).map(|v| (u64::from(v) << 40, h(v))).collect();
+        let bytes = encode_entries(&entries);
+        assert_eq!(bytes.len(), 100 * HISTORY_ENTRY_LEN);
+        assert_eq!(decode_entries(&bytes), Ok(entries));
+        assert_eq!(decode_entries(&bytes[..40]), Err(StateError::LogLength(40)));
+        let mut bad = bytes.clone();
+        bad[8] = 0;
+        assert_eq!(decode_entries(&bad), Err(StateError::HistoryVersion(0)));
+        assert_eq!(decode_entries(&[]), Ok(vec![]));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 // The ops view: the cluster as ZooKeeper shows it, from the gateway's /admin/cluster.
 
-import { ago, el } from "./format";
+import { ago, el, utc } from "./format";
 import { jobState, type ClusterView } from "./protocol";
 
 const POLL_MS = 1000;
@@ -35,7 +35,7 @@ export function ops(root: HTMLElement, token: string, signOut: () => void): void
       const view = (await res.json()) as ClusterView;
       failures = 0;
       status.dataset.state = "live";
-      status.textContent = `live · ${new Date().toLocaleTimeString()}`;
+      status.textContent = `live · updated ${utc(Date.now()).slice(11)}`;
       render(body, view);
     } catch (e) {
       failures += 1;

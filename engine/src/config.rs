@@ -21,7 +21,10 @@ pub struct OperatorConfig {
     pub expected_visitors: u64,
     /// Target false-positive rate of the Bloom filter at `expected_visitors`.
     pub bloom_fp_rate: f64,
-    /// History updates held in memory before they are written to the store in one batch.
+    /// History updates held in memory before they are written to the store in one batch
+    /// (a job also writes them at every checkpoint). Each batch is one durable redb write
+    /// transaction: 262,144 (about 11 MB pending at most) ran the engine bench 10–15 % faster
+    /// than 65,536, at 53 instead of 42 bytes per history visitor.
     pub history_batch: usize,
 }
 
@@ -36,7 +39,7 @@ impl Default for OperatorConfig {
             allowed_lateness_ms: 5_000,
             expected_visitors: 1_000_000,
             bloom_fp_rate: 0.01,
-            history_batch: 65_536,
+            history_batch: 262_144,
         }
     }
 }

@@ -114,6 +114,19 @@ fn config(broker: &Broker, tenant: &Tenant, dir: &tempfile::TempDir) -> JobConfi
     config
 }
 
+/// [`config`] for owner `epoch`, checkpointing every second.
+fn checkpointing(
+    broker: &Broker,
+    tenant: &Tenant,
+    dir: &tempfile::TempDir,
+    epoch: u64,
+) -> JobConfig {
+    let mut config = config(broker, tenant, dir);
+    config.epoch = epoch;
+    config.checkpoint_interval = Some(Duration::from_secs(1));
+    config
+}
+
 /// What an uninterrupted run computes from these click records: the pipeline in memory, fed
 /// in event-time order as one partition (once every partition of a job is idle, its watermark
 /// is the newest event minus the lateness, as here); and the clicks in that order.
@@ -366,8 +379,7 @@ async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_not
     // (a channel of one blocks the job), pauses past a checkpoint, reads on, then goes away:
     // the job fails with nobody to send to — a crash, with no last checkpoint.
     let dir_a = tempfile::tempdir().unwrap();
-    let mut first = config(&broker, &tenant, &dir_a);
-    first.checkpoint_interval = Some(Duration::from_secs(1));
+    let first = checkpointing(&broker, &tenant, &dir_a, 1);
     let (tx, mut rx) = mpsc::channel(1);
     let job = tokio::spawn(run_job(first, tx, CancellationToken::new()));
     let mut from_a = take(&mut rx, 50).await;
@@ -383,9 +395,7 @@ async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_not
 
     // The next owner, on an engine with no local history: everything comes from Kafka.
     let dir_b = tempfile::tempdir().unwrap();
-    let mut second = config(&broker, &tenant, &dir_b);
-    second.epoch = 2;
-    second.checkpoint_interval = Some(Duration::from_secs(1));
+    let second = checkpointing(&broker, &tenant, &dir_b, 2);
     let (from_b, report) = run_until_quiet(second).await;
     let (epoch, n) = report.resumed.expect("it resumed a checkpoint");
     assert_eq!(epoch, 1);
@@ -486,10 +496,7 @@ async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_sta
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut job = config(&broker, &tenant, &dir);
-    job.epoch = 2;
-    job.checkpoint_interval = Some(Duration::from_secs(1));
-    let (got, report) = run_until_quiet(job).await;
+    let (got, report) = run_until_quiet(checkpointing(&broker, &tenant, &dir, 2)).await;
     assert_eq!(
         report.resumed, None,
         "the undecodable checkpoint was not resumed"
@@ -554,10 +561,7 @@ async fn a_history_log_longer_than_the_history_is_replaced_by_a_snapshot() {
     producer.flush(Duration::from_secs(10)).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let mut job = config(&broker, &tenant, &dir);
-    job.epoch = 2;
-    job.checkpoint_interval = Some(Duration::from_secs(1));
-    let (got, report) = run_until_quiet(job).await;
+    let (got, report) = run_until_quiet(checkpointing(&broker, &tenant, &dir, 2)).await;
     assert!(!got.is_empty());
     assert!(report.checkpoints >= 1);
 

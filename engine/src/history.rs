@@ -14,11 +14,13 @@
 //!
 //! Why redb: a maintained, pure-Rust embedded store (no C++ build on 2 cores, unlike RocksDB),
 //! ACID with a stable file format, one file per tenant, and fast point reads — the access
-//! pattern here is batched upserts and point lookups, no scans.
+//! pattern here is batched upserts and point lookups, and a full scan only for a history
+//! snapshot (rare: see `clickpulse_protocol::state`).
 //!
 //! **Idempotent by design**, so a job restored from a checkpoint can share a store that already
-//! holds updates made after that checkpoint (the changelog on `state.<tenant>` is written as
-//! updates happen, not only at checkpoints): a closed session is folded in only if it ended
+//! holds updates made after that checkpoint (a checkpoint's history log lands before its
+//! manifest, and a snapshot holds everything the store had, so the history on
+//! `state.<tenant>` can be ahead of the newest complete checkpoint): a closed session is folded in only if it ended
 //! after the summary's `last_seen_ms` (a visitor's sessions never overlap), and a session
 //! opening at `t` is a returning visitor's only if the first session closed at or before `t`.
 //! In a run without restores both rules change nothing.
@@ -74,7 +76,7 @@ pub trait HistoryStore {
         batch: &mut dyn Iterator<Item = (u64, History)>,
     ) -> Result<(), StoreError>;
     /// Like [`Self::put_batch`], but keeps a stored summary that is newer (a later
-    /// `last_seen_ms`): how a restore merges the changelog into a store that may be ahead.
+    /// `last_seen_ms`): how a restore merges the history log into a store that may be ahead.
     fn merge_batch(
         &mut self,
         batch: &mut dyn Iterator<Item = (u64, History)>,
@@ -90,8 +92,8 @@ pub trait HistoryStore {
         }
         self.put_batch(&mut newer.into_iter())
     }
-    /// Updates written since the last call, in write order: the history changelog the job
-    /// sends to `state.<tenant>` (empty for stores that keep none).
+    /// Updates written since the last call, in write order: what the job's next checkpoint
+    /// logs to `state.<tenant>` (empty for stores that keep none).
     fn take_changes(&mut self) -> Vec<(u64, History)> {
         Vec::new()
     }

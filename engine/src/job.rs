@@ -19,7 +19,7 @@
 //!                                        │ no (or not resumable)        (skip what it has)
 //!                                        ▼
 //!                               seek (earliest, or one window back)
-//!  every interval, and at a clean stop:  history changelog · state chunks · manifest
+//!  every interval, and at a clean stop:  history log · state chunks · manifest
 //!                                        ──▶ state.<tenant>  (see `checkpoint`)
 //! ```
 //!
@@ -482,7 +482,7 @@ async fn tick_of(tick: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// The job's pipeline: visitor history in redb, every update also kept for the changelog.
+/// The job's pipeline: visitor history in redb, every update also kept for the next history log.
 type JobPipeline = Pipeline<Changelog<RedbStore>>;
 
 /// The checkpoints a job writes (see [`crate::checkpoint`]).
@@ -504,8 +504,9 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    /// Writes the history changelog, then the operator state, then the manifest (the order a
-    /// restore relies on), then deletes what the new manifest makes obsolete.
+    /// Writes the history log (or a snapshot, then tombstones for the logs it replaces), then
+    /// the operator state, then the manifest (the order a restore relies on), then deletes
+    /// what the new manifest makes obsolete.
     async fn write(
         &mut self,
         pipeline: &mut JobPipeline,
@@ -625,7 +626,7 @@ struct Started {
     logged: u64,
 }
 
-/// Reads the tenant's checkpoints (rebuilding the visitor history from the changelog), then
+/// Reads the tenant's checkpoints (rebuilding the visitor history from its logs), then
 /// either resumes the newest complete one or seeks as `config.start` says; assigns the
 /// consumer. Blocking.
 fn start(

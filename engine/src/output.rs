@@ -1,5 +1,5 @@
 //! A job's durable output in Kafka: every result to `results.<tenant>`, every malformed
-//! input record to `dead.<tenant>`, its checkpoints and history changelog to the compacted
+//! input record to `dead.<tenant>`, its checkpoints and history logs to the compacted
 //! `state.<tenant>` (formats in `clickpulse_protocol::results`, `::dead` and `::state`).
 //!
 //! One idempotent producer per job (no duplicates or reordering when librdkafka retries);

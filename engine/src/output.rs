@@ -15,7 +15,7 @@ use clickpulse_protocol::dead::{REASON_HEADER, SOURCE_HEADER, SourcePosition};
 use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::{Tenant, topics};
 use clickpulse_replay::KafkaConfig;
-use clickpulse_replay::kafka::{Acks, ensure_topics, ensure_topics_with};
+use clickpulse_replay::kafka::{Acks, TopicSpec, ensure_topic_specs};
 use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -57,14 +57,23 @@ impl Output {
             delivery_timeout: DELIVERY_TIMEOUT,
         };
         let started = std::time::Instant::now();
-        ensure_topics(&config, &[results.clone(), dead.clone()], 1, 1)?;
         let state = topics::state(tenant);
-        ensure_topics_with(
+        let spec = |name| TopicSpec {
+            name,
+            partitions: 1,
+            replication: 1,
+            configs: &[],
+        };
+        ensure_topic_specs(
             &config,
-            std::slice::from_ref(&state),
-            1,
-            1,
-            &[("cleanup.policy", "compact")],
+            &[
+                spec(&results),
+                spec(&dead),
+                TopicSpec {
+                    configs: &[("cleanup.policy", "compact")],
+                    ..spec(&state)
+                },
+            ],
         )?;
         tracing::debug!(%results, %dead, ms = started.elapsed().as_millis() as u64, "output topics ready");
         let producer = ClientConfig::new()

@@ -73,7 +73,13 @@ async fn bench() {
         let started = Instant::now();
         let mut ws = viewer(&gw, t, r#""pageviews","window","topn","sessions","totals""#).await;
         match next_result(&mut ws, Duration::from_secs(30)).await {
-            Some(_) => starts.push(started.elapsed().as_secs_f64() * 1000.0),
+            Some(_) => {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                if ms > 500.0 {
+                    eprintln!("start {} ({t}) took {ms:.0} ms", starts.len());
+                }
+                starts.push(ms);
+            }
             None => eprintln!("no result for {t} within 30 s"),
         }
     }

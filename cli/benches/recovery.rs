@@ -6,7 +6,8 @@
 //! 1. checkpoints off: the time for the job to read and compute the whole topic;
 //! 2. checkpoints every 5 s: the same, plus each checkpoint's packed size and the time it took
 //!    (from the engine's `checkpoint written` log lines);
-//! 3. checkpoints on, two engines, the owner killed with SIGKILL halfway through: the time from
+//! 3. checkpoints on, two engines, the owner killed with SIGKILL while it reads, halfway between
+//!    two checkpoints (2.5 s after its first, or earlier if its run would end): the time from
 //!    the kill until the viewer gets a result it had not had (the new owner resumed the newest
 //!    checkpoint and caught up with where the dead one was). Session timeout 3 s.
 //!
@@ -24,6 +25,9 @@ use clickpulse_protocol::Tenant;
 use clickpulse_tests::process::Daemon;
 use clickpulse_tests::unique_name;
 use common::*;
+
+/// The checkpoint interval of the runs with checkpoints (the engine's default).
+const CHECKPOINT_S: &str = "5";
 
 /// The whole topic must be read within this.
 const RUN_LIMIT: Duration = Duration::from_secs(600);
@@ -119,7 +123,10 @@ async fn bench() {
     // 1 and 2: the same work with checkpoints off and on.
     let mut times = Vec::new();
     let mut on_engine = None;
-    for (tenant, every, id) in [(&runs[0], "0", "engine-off"), (&runs[1], "5", "engine-on")] {
+    for (tenant, every, id) in [
+        (&runs[0], "0", "engine-off"),
+        (&runs[1], CHECKPOINT_S, "engine-on"),
+    ] {
         let e = engine(&cluster, id, every);
         let since = Instant::now();
         let mut ws = viewer(&gw, tenant, r#""totals""#).await;
@@ -151,7 +158,7 @@ async fn bench() {
 
     // 3: kill -9 the owner halfway through; the other engine resumes.
     let tenant = &runs[2];
-    let mut a = engine(&cluster, "engine-a", "5");
+    let mut a = engine(&cluster, "engine-a", CHECKPOINT_S);
     let since = Instant::now();
     let mut ws = viewer(&gw, tenant, r#""totals","pageviews""#).await;
     let owner = loop {
@@ -161,14 +168,36 @@ async fn bench() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(owner.engine, "engine-a");
-    let b = engine(&cluster, "engine-b", "5");
-    // Halfway, by the first run's time (at least two checkpoints in).
+    let b = engine(&cluster, "engine-b", CHECKPOINT_S);
+    // Halfway between two checkpoints (the average loss), after the first, while the job is
+    // still reading: by the first run's time, the job's end is `times[0]` after its start.
     let mut last = (0, 0);
-    while since.elapsed().as_secs_f64() < (times[0] / 2.0).max(12.0) {
-        if let Some(r) = next_result(&mut ws, Duration::from_secs(5)).await {
+    let mut checkpointed = None;
+    let kill_at = loop {
+        if checkpointed.is_none()
+            && std::fs::read_to_string(a.log_path())
+                .unwrap_or_default()
+                .contains("checkpoint written")
+        {
+            checkpointed = Some(since.elapsed().as_secs_f64());
+        }
+        if let Some(at) = checkpointed {
+            let interval: f64 = CHECKPOINT_S.parse().unwrap();
+            let kill_at = (at + interval / 2.0).min(times[0] * 0.85).max(at);
+            if since.elapsed().as_secs_f64() >= kill_at {
+                break kill_at;
+            }
+        }
+        assert!(since.elapsed() < RUN_LIMIT, "no checkpoint written");
+        if let Some(r) = next_result(&mut ws, Duration::from_millis(100)).await {
             last = last.max((r["run"].as_u64().unwrap(), r["seq"].as_u64().unwrap()));
         }
-    }
+    };
+    eprintln!(
+        "first checkpoint {:.1} s after the start; kill -9 at {kill_at:.1} s (the whole topic takes {:.1} s)",
+        checkpointed.unwrap_or_default(),
+        times[0]
+    );
     let killed = Instant::now();
     a.kill();
     let recovery = loop {

@@ -48,7 +48,7 @@ use clickpulse_protocol::Tenant;
 use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::zk::{EngineInfo, EpochRecord, Layout, OwnerRecord, now_ms};
 use clickpulse_protocol::zmq::ResultFrame;
-use futures_util::{StreamExt, stream};
+use futures_util::{FutureExt, StreamExt, stream};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -294,6 +294,8 @@ struct Coordinator {
 /// Bound on one ZooKeeper operation of the coordinator, so its loop never hangs on a dead link.
 const ZK_OP_TIMEOUT: Duration = Duration::from_secs(2);
 const TICK: Duration = Duration::from_millis(250);
+/// Least time between two reconciles (see `Coordinator::run`).
+const RECONCILE_GAP: Duration = Duration::from_millis(50);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Reads in flight at once while taking a snapshot.
@@ -541,6 +543,7 @@ impl Coordinator {
         let mut watched_generation = 0;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reconcile: Option<Instant> = None;
         loop {
             if watcher.is_none() || watched_generation != self.session.generation() {
                 watcher = self.arm_watch().await;
@@ -548,28 +551,50 @@ impl Coordinator {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                event = next_event(&mut watcher) => {
-                    if event.event_type == zk::EventType::Session {
-                        if event.session_state.is_terminated() {
-                            // A terminal event is the watcher's last: it must not be polled again.
-                            watcher = None;
-                            if event.session_state == zk::SessionState::Expired {
-                                self.fence_all("zookeeper session expired").await;
-                            }
-                        } else {
-                            tracing::debug!(state = ?event.session_state, "zookeeper connection state");
-                        }
-                    }
-                }
+                event = next_event(&mut watcher) => self.on_event(event, &mut watcher).await,
                 Some(exit) = exits.recv() => self.on_exit(exit).await,
                 Some(tenant) = stopped.recv() => {
                     self.stopping.remove(&tenant);
                 }
                 _ = tick.tick() => {}
             }
+            // Watch events come in bursts (a storm of registrations is one per client), and
+            // each reconcile reads the whole tree: at most one per RECONCILE_GAP, taking every
+            // event since. One per event had both engines and ZooKeeper re-reading 5,000
+            // client nodes back to back through a storm, most of a core on 2 cores, against
+            // the gateway's registrations. A lone event after a quiet spell waits for nothing.
+            if let Some(at) = last_reconcile {
+                let wait = RECONCILE_GAP.saturating_sub(at.elapsed());
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            while let Some(event) = watcher.as_mut().and_then(|w| w.changed().now_or_never()) {
+                self.on_event(event, &mut watcher).await;
+            }
             self.reconcile().await;
+            last_reconcile = Some(Instant::now());
         }
         self.hand_off().await;
+    }
+
+    /// A watch event: only session events matter here (every change leads to a reconcile).
+    async fn on_event(
+        &mut self,
+        event: zk::WatchedEvent,
+        watcher: &mut Option<zk::PersistentWatcher>,
+    ) {
+        if event.event_type == zk::EventType::Session {
+            if event.session_state.is_terminated() {
+                // A terminal event is the watcher's last: it must not be polled again.
+                *watcher = None;
+                if event.session_state == zk::SessionState::Expired {
+                    self.fence_all("zookeeper session expired").await;
+                }
+            } else {
+                tracing::debug!(state = ?event.session_state, "zookeeper connection state");
+            }
+        }
     }
 
     async fn arm_watch(&mut self) -> Option<zk::PersistentWatcher> {

@@ -168,7 +168,13 @@ async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
                 writer.add_create(&c.path, &c.data, &options).is_ok()
             }
         });
+        let started = std::time::Instant::now();
         if added && writer.commit().await.is_ok() {
+            tracing::debug!(
+                nodes = batch.len(),
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                "registrations written"
+            );
             lock(&shared.owned).extend(batch.iter().map(|c| (c.path.clone(), c.data.clone())));
             for c in batch {
                 let _ = c.done.send(Ok(()));

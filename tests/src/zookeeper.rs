@@ -90,14 +90,14 @@ impl ZooKeeper {
             "-Xss512k",
             "-XX:TieredStopAtLevel=1",
         ])
-            .arg(format!(
-                "-Dzookeeper.log.dir={}",
-                private.dir.path().display()
-            ))
-            .arg("-Dzookeeper.root.logger=INFO,CONSOLE")
-            .args(["-cp", &classpath])
-            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
-            .arg(&cfg);
+        .arg(format!(
+            "-Dzookeeper.log.dir={}",
+            private.dir.path().display()
+        ))
+        .arg("-Dzookeeper.root.logger=INFO,CONSOLE")
+        .args(["-cp", &classpath])
+        .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+        .arg(&cfg);
         let mut daemon =
             Daemon::spawn("ZooKeeper", cmd, &private.dir.path().join("zookeeper.log"))?;
         let addr = private.addr();

@@ -343,6 +343,10 @@ pub async fn run_job(
                     Ok(m) => m,
                     Err(KafkaError::PartitionEOF(p)) => {
                         resume.on_end(p);
+                        // An unproven partition is not at its end (see `crate::resume`).
+                        if resume.is_pending(p) {
+                            continue;
+                        }
                         let Some(p) = usize::try_from(p).ok().filter(|&p| p < partitions) else {
                             continue;
                         };

@@ -12,10 +12,11 @@
 //! before `next` and checks where it lands: the first record of the partition at or before
 //! `next` proves the position (the job skips the records before `next`); a first record after
 //! `next` means the position sits inside a larger batch, and the partition is sought
-//! [`FACTOR`] times farther back, down to its first offset. A partition that sends nothing
-//! and reports no end for [`SILENCE`] (a position inside the last batch) is sought back too.
-//! Until a partition is proven it does not count as idle, so the watermark cannot pass
-//! records it has yet to read.
+//! [`FACTOR`] times farther back, down to its first offset. A partition that sends no record
+//! for [`SILENCE`] (a position inside the last batch) is sought back too; an end reported
+//! before the records that must come first is not believed. Until a partition is proven it
+//! neither counts as idle nor as at its end, so the watermark cannot pass records it has yet
+//! to read.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -120,10 +121,14 @@ impl ResumeChecks {
         Landing::SeekTo(p.at)
     }
 
-    /// `partition` reported its end: nothing after the position, so nothing after `next`
-    /// (which is before the end) can be missed.
+    /// `partition` reported its end before any record. Read from its first offset, that
+    /// proves it: nothing is there to be missed. Read from later, records before `next` are
+    /// there and must come first: the end is a stale report (tansu's can lag), and the
+    /// partition stays unproven until its records or its silence decide.
     pub fn on_end(&mut self, partition: i32) {
-        self.pending.remove(&partition);
+        if self.pending.get(&partition).is_some_and(|p| p.at <= p.low) {
+            self.pending.remove(&partition);
+        }
     }
 
     /// Partitions silent for [`SILENCE`] since their last seek, with where to seek them now.
@@ -221,12 +226,22 @@ mod tests {
     }
 
     #[test]
-    fn an_end_proves_a_partition_and_a_proven_one_is_left_alone() {
+    fn an_end_proves_a_partition_read_from_its_first_offset_and_a_proven_one_is_left_alone() {
         let mut checks = ResumeChecks::default();
         let now = Instant::now();
         checks.add(1, 100, 0, 0, now);
         checks.on_end(1);
         assert!(!checks.is_pending(1));
         assert!(checks.silent(now + SILENCE * 2).is_empty());
+    }
+
+    #[test]
+    fn an_end_before_the_records_that_must_come_first_is_not_believed() {
+        let mut checks = ResumeChecks::default();
+        let now = Instant::now();
+        checks.add(1, 100_000, 0, first_position(100_000, 0, MARGIN), now);
+        checks.on_end(1);
+        assert!(checks.is_pending(1), "a stale end proved nothing");
+        assert_eq!(checks.on_record(1, 100_500, now), Landing::SeekTo(0));
     }
 }

@@ -526,6 +526,24 @@ async fn release_owner(
     }
 }
 
+/// Waits (bounded) for a job told to stop to end.
+async fn wait_stopped(tenant: &Tenant, job: Job) {
+    if tokio::time::timeout(Duration::from_secs(10), job.handle)
+        .await
+        .is_err()
+    {
+        tracing::warn!(%tenant, "job did not stop within 10 s");
+    }
+    tracing::info!(%tenant, epoch = job.epoch, from = %job.state, to = "idle", "job state");
+}
+
+/// [`release_owner`], a failure only logged: the node goes with the session anyway.
+async fn release_or_warn(client: &zk::Client, layout: &Layout, tenant: &Tenant) {
+    if let Err(error) = release_owner(client, layout, tenant).await {
+        tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
+    }
+}
+
 async fn next_event(watcher: &mut Option<zk::PersistentWatcher>) -> zk::WatchedEvent {
     match watcher {
         Some(w) => w.changed().await,
@@ -807,21 +825,20 @@ impl Coordinator {
     /// Stops a job and waits (bounded) for it; the owner node is the caller's business.
     /// `why` is what its last checkpoint says; `None` (fenced) writes none.
     async fn stop_job(&mut self, tenant: &Tenant, reason: &str, why: Option<Stopped>) {
-        let Some(job) = self.jobs.remove(tenant) else {
-            return;
-        };
+        if let Some(job) = self.tell_to_stop(tenant, reason, why) {
+            wait_stopped(tenant, job).await;
+        }
+    }
+
+    /// Takes a job out of the running ones and tells it to stop (and why).
+    fn tell_to_stop(&mut self, tenant: &Tenant, reason: &str, why: Option<Stopped>) -> Option<Job> {
+        let job = self.jobs.remove(tenant)?;
         if let Some(why) = why {
             job.stop.set(why);
         }
         job.cancel.cancel();
         tracing::info!(%tenant, epoch = job.epoch, at_ms = now_ms(), engine = %self.config.id, reason, "ownership released");
-        if tokio::time::timeout(Duration::from_secs(10), job.handle)
-            .await
-            .is_err()
-        {
-            tracing::warn!(%tenant, "job did not stop within 10 s");
-        }
-        tracing::info!(%tenant, epoch = job.epoch, from = %job.state, to = "idle", "job state");
+        Some(job)
     }
 
     /// Stops a job this engine owns without waiting for it: a task waits (bounded) for the job
@@ -830,12 +847,9 @@ impl Coordinator {
     /// waited for it, it claimed nothing, and in `scripts/bench jobs` one start in five took
     /// 0.5–1 s instead of 0.3 s.
     fn stop_in_background(&mut self, tenant: &Tenant, reason: &'static str, why: Stopped) {
-        let Some(job) = self.jobs.remove(tenant) else {
+        let Some(job) = self.tell_to_stop(tenant, reason, Some(why)) else {
             return;
         };
-        job.stop.set(why);
-        job.cancel.cancel();
-        tracing::info!(%tenant, epoch = job.epoch, at_ms = now_ms(), engine = %self.config.id, reason, "ownership released");
         let client = self.session.client().ok();
         let layout = self.config.layout.clone();
         let done = self.stopped_tx.clone();
@@ -843,18 +857,9 @@ impl Coordinator {
         let waiter = {
             let tenant = tenant.clone();
             tokio::spawn(async move {
-                let (epoch, from) = (job.epoch, job.state);
-                if tokio::time::timeout(Duration::from_secs(10), job.handle)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(%tenant, "job did not stop within 10 s");
-                }
-                tracing::info!(%tenant, epoch, %from, to = "idle", "job state");
-                if let Some(client) = client
-                    && let Err(error) = release_owner(&client, &layout, &tenant).await
-                {
-                    tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
+                wait_stopped(&tenant, job).await;
+                if let Some(client) = client {
+                    release_or_warn(&client, &layout, &tenant).await;
                 }
                 let _ = done.send(tenant);
             })
@@ -866,10 +871,8 @@ impl Coordinator {
     /// for the next claim without waiting for this session to expire.
     async fn stop_and_release(&mut self, tenant: &Tenant, reason: &str, why: Option<Stopped>) {
         self.stop_job(tenant, reason, why).await;
-        if let Ok(client) = self.session.client()
-            && let Err(error) = release_owner(&client, &self.config.layout, tenant).await
-        {
-            tracing::warn!(%tenant, %error, "cannot delete the owner node; it goes with the session");
+        if let Ok(client) = self.session.client() {
+            release_or_warn(&client, &self.config.layout, tenant).await;
         }
     }
 

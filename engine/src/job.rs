@@ -329,6 +329,15 @@ pub async fn run_job(
                 "job progress"
             );
         }
+        // A partition being proven that sends nothing is sought farther back whatever the
+        // others have queued: it holds the watermark back meanwhile.
+        if matches!(turn, Turn::IdleCheck) {
+            for (p, at) in resume.silent(std::time::Instant::now()) {
+                tracing::debug!(tenant = %config.tenant, partition = p, at, "resume position silent; reading from farther back");
+                consumer.seek(&topic, p, Offset::Offset(at), LOOKUP_TIMEOUT)?;
+                report.resume_seeks += 1;
+            }
+        }
         let turn = match turn {
             Turn::IdleCheck => consumer
                 .recv()
@@ -490,11 +499,6 @@ pub async fn run_job(
                 // broker such as tansu reports no end for a position inside its last batch)
                 // must not hold the watermark back forever: idle after a start-up grace, long
                 // enough for every partition's first fetch.
-                for (p, at) in resume.silent(std::time::Instant::now()) {
-                    tracing::debug!(tenant = %config.tenant, partition = p, at, "resume position silent; reading from farther back");
-                    consumer.seek(&topic, p, Offset::Offset(at), LOOKUP_TIMEOUT)?;
-                    report.resume_seeks += 1;
-                }
                 let grace = (config.idle_timeout * 4).max(Duration::from_secs(2));
                 for (p, seen) in last_seen.iter().enumerate() {
                     // A resumed partition not yet read from at or before its checkpoint

@@ -153,6 +153,15 @@ async fn bench() {
         history.iter().sum::<f64>(),
         percentile(&ms, 50.0)
     );
+    // Where a checkpoint's time goes (the engine's phases, each the largest seen).
+    let phases: Vec<String> = ["flush_ms", "history_ms", "pack_ms"]
+        .iter()
+        .map(|key| {
+            let v = checkpoint_figures(&[&on_engine], key);
+            format!("{key} {:.0}", v.last().copied().unwrap_or(f64::NAN))
+        })
+        .collect();
+    eprintln!("  of which: {}", phases.join(", "));
     drop(on_engine);
     let throughput_cost_pct = (times[1] / times[0] - 1.0) * 100.0;
 

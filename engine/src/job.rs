@@ -580,6 +580,7 @@ impl Checkpoints {
     ) -> Result<(), JobError> {
         let started = std::time::Instant::now();
         pipeline.flush_history()?;
+        let flush_ms = started.elapsed().as_millis() as u64;
         let changes = pipeline.store_mut().take_changes();
         let (epoch, n) = (self.epoch, self.n + 1);
         let visitors = pipeline.store_mut().visitors().map_err(EngineError::from)?;
@@ -591,6 +592,7 @@ impl Checkpoints {
             changes
         };
         let history = entries.len();
+        let phase = std::time::Instant::now();
         let logs =
             tokio::task::spawn_blocking(move || checkpoint::history_records(epoch, n, &entries))
                 .await
@@ -606,6 +608,8 @@ impl Checkpoints {
             self.logged = 0;
         }
         self.logged += history as u64;
+        let history_ms = phase.elapsed().as_millis() as u64;
+        let phase = std::time::Instant::now();
         self.history_logs
             .extend(logs.into_iter().map(|(key, _)| key));
         // Serializing and deflating megabytes of state takes a while: on a blocking thread,
@@ -616,6 +620,7 @@ impl Checkpoints {
         })
         .await
         .map_err(|e| JobError::StartUp(e.to_string()))??;
+        let pack_ms = phase.elapsed().as_millis() as u64;
         let mut offsets: Vec<PartitionOffset> = self
             .positions
             .iter()
@@ -665,6 +670,9 @@ impl Checkpoints {
             history,
             snapshot,
             stopped = ?stopped,
+            flush_ms,
+            history_ms,
+            pack_ms,
             ms = started.elapsed().as_millis() as u64,
             "checkpoint written"
         );

@@ -791,7 +791,6 @@ impl Coordinator {
             history_path: self.config.data_dir.join(format!("{tenant}.history.redb")),
             checkpoint_interval: self.config.checkpoint_interval,
             resume_max_age: self.config.resume_max_age,
-            resume_margin: crate::resume::MARGIN,
             stop: stop.clone(),
             live: Some(first_tx.clone()),
         };

@@ -49,7 +49,6 @@ use crate::config::OperatorConfig;
 use crate::history::{Changelog, HistoryStore, RedbStore};
 use crate::output::{Output, OutputError};
 use crate::pipeline::{Admission, EngineError, Pipeline, PipelineState};
-use crate::resume::{self, ResumeChecks};
 
 /// Where a starting job begins reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,9 +82,6 @@ pub struct JobConfig {
     /// A job reading one window back resumes a checkpoint only up to this old (older, it starts
     /// afresh from the newest window instead of catching up).
     pub resume_max_age: Duration,
-    /// How many records before a checkpoint offset a resumed partition is first read from
-    /// ([`resume::MARGIN`]; see [`crate::resume`]).
-    pub resume_margin: i64,
     /// Why the job is being stopped, told before `shutdown` is cancelled: a job stopped after
     /// the linger or handed off writes a last checkpoint saying so; one stopped without a word
     /// (fenced: it may no longer own the tenant) writes nothing more.
@@ -108,7 +104,6 @@ impl JobConfig {
             history_path,
             checkpoint_interval: Some(Duration::from_secs(5)),
             resume_max_age: Duration::from_secs(600),
-            resume_margin: resume::MARGIN,
             stop: StopNote::default(),
             live: None,
         }
@@ -167,9 +162,6 @@ pub struct JobReport {
     /// Records read again after a resume and skipped, being older than the checkpoint (a
     /// broker that serves fetches from batch starts only).
     pub skipped: u64,
-    /// Times a resumed partition was sought farther back, its position landing after the
-    /// checkpoint offset (see [`crate::resume`]).
-    pub resume_seeks: u64,
 }
 
 /// Runs a tenant job until `shutdown` is cancelled.
@@ -230,7 +222,6 @@ pub async fn run_job(
         from_ms,
         offsets,
         skip_below,
-        mut resume,
         store,
         resumed,
         obsolete,
@@ -292,13 +283,7 @@ pub async fn run_job(
     let started = Instant::now();
     let mut seen_any = vec![false; partitions];
     let mut progress_report = Instant::now();
-    // A resumed job also looks for silent partitions to prove (see `crate::resume`).
-    let check_every = if resume.is_empty() {
-        config.idle_timeout / 2
-    } else {
-        (config.idle_timeout / 2).min(resume::SILENCE / 2)
-    };
-    let mut idle_check = tokio::time::interval(check_every);
+    let mut idle_check = tokio::time::interval(config.idle_timeout / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // A job with records waiting never has to wait in `recv`: give the runtime back its
@@ -329,15 +314,6 @@ pub async fn run_job(
                 "job progress"
             );
         }
-        // A partition being proven that sends nothing is sought farther back whatever the
-        // others have queued: it holds the watermark back meanwhile.
-        if matches!(turn, Turn::IdleCheck) {
-            for (p, at) in resume.silent(std::time::Instant::now()) {
-                tracing::debug!(tenant = %config.tenant, partition = p, at, "resume position silent; reading from farther back");
-                consumer.seek(&topic, p, Offset::Offset(at), LOOKUP_TIMEOUT)?;
-                report.resume_seeks += 1;
-            }
-        }
         let turn = match turn {
             Turn::IdleCheck => consumer
                 .recv()
@@ -351,11 +327,6 @@ pub async fn run_job(
                 let message = match message {
                     Ok(m) => m,
                     Err(KafkaError::PartitionEOF(p)) => {
-                        resume.on_end(p);
-                        // An unproven partition is not at its end (see `crate::resume`).
-                        if resume.is_pending(p) {
-                            continue;
-                        }
                         let Some(p) = usize::try_from(p).ok().filter(|&p| p < partitions) else {
                             continue;
                         };
@@ -377,30 +348,6 @@ pub async fn run_job(
                     }
                     Err(e) => return Err(e.into()),
                 };
-                match resume.on_record(
-                    message.partition(),
-                    message.offset(),
-                    std::time::Instant::now(),
-                ) {
-                    resume::Landing::Proven => {}
-                    resume::Landing::ProvenNow => {
-                        tracing::debug!(tenant = %config.tenant, partition = message.partition(), offset = message.offset(), "resume position proven");
-                    }
-                    resume::Landing::Gone { next, first } => {
-                        tracing::warn!(tenant = %config.tenant, partition = message.partition(), next, first, "records after the checkpoint are gone (retention)");
-                    }
-                    resume::Landing::SeekTo(at) => {
-                        tracing::debug!(tenant = %config.tenant, partition = message.partition(), landed = message.offset(), at, "resume position lands after the checkpoint; reading from farther back");
-                        consumer.seek(
-                            &topic,
-                            message.partition(),
-                            Offset::Offset(at),
-                            LOOKUP_TIMEOUT,
-                        )?;
-                        report.resume_seeks += 1;
-                        continue;
-                    }
-                }
                 let partition = usize::try_from(message.partition()).unwrap_or(0);
                 if idle.get(partition) == Some(&true) {
                     // Data again after a lull: a burst is starting, and the other partitions'
@@ -501,11 +448,6 @@ pub async fn run_job(
                 // enough for every partition's first fetch.
                 let grace = (config.idle_timeout * 4).max(Duration::from_secs(2));
                 for (p, seen) in last_seen.iter().enumerate() {
-                    // A resumed partition not yet read from at or before its checkpoint
-                    // offset has records to come that the watermark must wait for.
-                    if i32::try_from(p).is_ok_and(|p| resume.is_pending(p)) {
-                        continue;
-                    }
                     let silent = at_end[p] || (!seen_any[p] && started.elapsed() >= grace);
                     if silent && !idle[p] && seen.elapsed() >= config.idle_timeout {
                         idle[p] = true;
@@ -690,8 +632,6 @@ struct Started {
     offsets: Vec<(i32, i64)>,
     /// Records below these offsets are skipped (re-read after a resume).
     skip_below: HashMap<i32, i64>,
-    /// Resumed partitions whose read position is yet to be proven (see [`crate::resume`]).
-    resume: ResumeChecks,
     store: Changelog<RedbStore>,
     /// The checkpoint resumed and its operator state.
     resumed: Option<(Manifest, PipelineState)>,
@@ -774,26 +714,17 @@ fn start(
         .cloned()
         .collect();
     if let (Some(state), Some(found)) = (state, found) {
-        let (
-            Assignment {
-                partitions,
-                offsets,
-                ..
-            },
-            resume,
-        ) = assign_resumed(
-            consumer,
-            topic,
-            &found.manifest.offsets,
-            config.resume_margin,
-        )?;
+        let Assignment {
+            partitions,
+            offsets,
+            ..
+        } = assign_resumed(consumer, &config.brokers, topic, &found.manifest.offsets)?;
         let skip_below = offsets.iter().copied().collect();
         return Ok(Started {
             partitions,
             from_ms: None,
             offsets,
             skip_below,
-            resume,
             store,
             resumed: Some((found.manifest, state)),
             obsolete,
@@ -817,7 +748,6 @@ fn start(
         from_ms,
         offsets,
         skip_below: HashMap::new(),
-        resume: ResumeChecks::default(),
         store,
         resumed: None,
         obsolete,
@@ -891,21 +821,18 @@ fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Resu
     Ok(scan)
 }
 
-/// Assigns every partition where a resumed checkpoint left it: a margin before each
-/// checkpoint offset, which the job proves or moves back as records come (see
-/// [`crate::resume`]); the records before the offset are skipped. Blocking.
+/// Assigns every partition where a resumed checkpoint left it. Where only batch starts can be
+/// read, a position at or before each checkpoint offset is found and the records before the
+/// offset are skipped by the job. Blocking.
 fn assign_resumed(
     consumer: &StreamConsumer<JobContext>,
+    brokers: &str,
     topic: &str,
     from: &[PartitionOffset],
-    margin: i64,
-) -> Result<(Assignment, ResumeChecks), JobError> {
+) -> Result<Assignment, JobError> {
     let partitions = topic_partitions(consumer, topic)?;
-    let mut list = TopicPartitionList::new();
-    let mut checks = ResumeChecks::default();
-    let mut offsets = Vec::new();
-    let mut positions = Vec::new();
-    let now = std::time::Instant::now();
+    let mut wanted = Vec::new();
+    let mut empty = Vec::new();
     for &p in &partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, LOOKUP_TIMEOUT)?;
         let next = from
@@ -915,29 +842,28 @@ fn assign_resumed(
         if next < low {
             tracing::warn!(%topic, partition = p, next, low, "records after the checkpoint are gone (retention): resuming at the first that is left");
         }
-        let at = if high <= low {
-            // Empty: nothing to prove, and no answer would come.
-            next.max(low)
+        if high <= low {
+            // Nothing to find a position in (and no answer would come): read from `next`.
+            empty.push((p, next.max(low)));
         } else {
-            let at = resume::first_position(next, low, margin);
-            checks.add(p, next, low, at, now);
-            at
-        };
+            wanted.push((p, next.max(low), low));
+        }
+    }
+    let mut positions = Probe::new(brokers, topic).at_or_before(&wanted)?;
+    positions.extend(&empty);
+    wanted.extend(empty.iter().map(|&(p, next)| (p, next, next)));
+    let mut list = TopicPartitionList::new();
+    for &(p, at) in &positions {
         list.add_partition_offset(topic, p, Offset::Offset(at))?;
-        offsets.push((p, next.max(low)));
-        positions.push((p, at));
     }
     consumer.assign(&list)?;
-    tracing::info!(%topic, ?positions, ?offsets, "resumed at the checkpoint's offsets");
+    tracing::info!(%topic, ?positions, "resumed at the checkpoint's offsets");
     let max = partitions.iter().copied().max().unwrap_or(0);
-    Ok((
-        Assignment {
-            partitions: usize::try_from(max).unwrap_or(0) + 1,
-            from_ms: None,
-            offsets,
-        },
-        checks,
-    ))
+    Ok(Assignment {
+        partitions: usize::try_from(max).unwrap_or(0) + 1,
+        from_ms: None,
+        offsets: wanted.iter().map(|&(p, next, _)| (p, next)).collect(),
+    })
 }
 
 /// How a job's consumer was assigned.
@@ -1176,6 +1102,15 @@ impl Drop for ProbeConsumer {
 /// How long the search for the newest records reads towards the partitions' ends, when no
 /// end-of-partition comes (the topic is being written).
 const CHASE_LIMIT: Duration = Duration::from_secs(3);
+
+/// How long the look-up of resume positions waits at most (see [`Probe::at_or_before`]).
+const RESUME_PROBE_WAIT: Duration = Duration::from_secs(3);
+
+/// How much farther back each resume look-up of a partition is than the one before. Every
+/// look-up is a new consumer, and on a 2-core machine 36 of them at once (steps of 4 over
+/// three partitions of a million records) took 4 s to answer; steps of 16 need 7 per
+/// partition, and re-read at most 16 batches' worth of skipped records.
+const RESUME_STEP: i64 = 16;
 
 /// How long one look-up waits for its record (see [`Probe`]).
 const PROBE_WAIT: Duration = Duration::from_millis(500);
@@ -1517,6 +1452,76 @@ impl Probe {
             bounds,
             starts: tails,
         })
+    }
+
+    /// Per partition `(partition, next, low)`, a position to assign at from which a consumer
+    /// gets `next` (and perhaps some records before it, to skip): `next` itself where any
+    /// offset can be read (Kafka); otherwise the latest of `next`, `next - 1`, `next - 16`, …
+    /// whose first record is at or before `next`, or `low`.
+    fn at_or_before(&self, wanted: &[(i32, i64, i64)]) -> Result<Vec<(i32, i64)>, JobError> {
+        let mut probes: Vec<(i32, i64)> = Vec::new();
+        let mut targets: HashMap<i32, i64> = HashMap::new();
+        for &(p, next, low) in wanted {
+            targets.insert(p, next);
+            let mut step = 0i64;
+            loop {
+                let at = (next - step).max(low);
+                probes.push((p, at));
+                if at <= low {
+                    break;
+                }
+                step = if step == 0 {
+                    1
+                } else {
+                    step.saturating_mul(RESUME_STEP)
+                };
+            }
+        }
+        let good = |i: usize, landing: &Option<Landing>| {
+            let (p, _) = probes[i];
+            matches!(landing, Some(Landing::Record { offset, .. }) if targets.get(&p).is_some_and(|&t| *offset <= t))
+        };
+        // Done when, for every partition, a usable position answered and every later one has
+        // answered too (a later usable one means less to read again); or, as positions inside
+        // a batch-serving broker's last batch never answer, once every partition has a usable
+        // answer and twice the time that took has passed. A new consumer's first answer takes
+        // about half a second on tansu: with the plain look-up wait only the first offset
+        // answered in time, and a resume re-read whole partitions (10 s in the recovery bench).
+        let all_good_at = std::cell::Cell::new(None::<Duration>);
+        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
+            let mut settled = true;
+            for &p in targets.keys() {
+                let best = answers
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, a)| probes[i].0 == p && good(i, a))
+                    .map(|(i, _)| probes[i].1)
+                    .max();
+                let Some(best) = best else {
+                    return false;
+                };
+                settled &= answers
+                    .iter()
+                    .enumerate()
+                    .all(|(i, a)| probes[i].0 != p || probes[i].1 <= best || a.is_some());
+            }
+            let at = all_good_at.get().unwrap_or(elapsed);
+            all_good_at.set(Some(at));
+            settled || elapsed >= at * 2 + Duration::from_millis(50)
+        };
+        let landed = self.land_until(&probes, RESUME_PROBE_WAIT, enough)?;
+        let mut at: HashMap<i32, i64> = HashMap::new();
+        for (i, landing) in landed.iter().enumerate() {
+            let (p, probe) = probes[i];
+            if good(i, &Some(*landing)) {
+                let best = at.entry(p).or_insert(probe);
+                *best = (*best).max(probe);
+            }
+        }
+        Ok(wanted
+            .iter()
+            .map(|&(p, _, low)| (p, at.get(&p).copied().unwrap_or(low)))
+            .collect())
     }
 
     /// Per partition, the first position whose record's event time is `>= time` (the end

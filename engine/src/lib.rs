@@ -26,7 +26,6 @@ pub mod job;
 pub mod links;
 pub mod output;
 pub mod pipeline;
-pub mod resume;
 pub mod sessions;
 pub mod watermark;
 pub mod window;

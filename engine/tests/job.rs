@@ -370,25 +370,6 @@ fn same_result(a: &ResultMsg, b: &ResultMsg) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_nothing() {
-    resumed_on_another_engine(clickpulse_engine::resume::MARGIN).await;
-}
-
-/// With a margin of 4 records, the resumed job's first positions land inside the batches
-/// holding the checkpoint offsets; where the broker serves batch starts only (tansu), they land
-/// after them, and the job must seek farther back before it reads on, or lose records.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resume_position_landing_after_the_checkpoint_is_moved_back_and_nothing_is_lost() {
-    let report = resumed_on_another_engine(4).await;
-    assert!(
-        report.resume_seeks >= 1,
-        "no position was moved back (does the broker serve any offset now?): {report:?}"
-    );
-}
-
-/// A job crashes after a checkpoint and another resumes it, first reading each partition
-/// `margin` records before the checkpoint: its output is the uninterrupted run's, result for
-/// result. The second job's report.
-async fn resumed_on_another_engine(margin: i64) -> JobReport {
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("resume")).unwrap();
     replay(&broker, &tenant, 3_000);
@@ -414,8 +395,7 @@ async fn resumed_on_another_engine(margin: i64) -> JobReport {
 
     // The next owner, on an engine with no local history: everything comes from Kafka.
     let dir_b = tempfile::tempdir().unwrap();
-    let mut second = checkpointing(&broker, &tenant, &dir_b, 2);
-    second.resume_margin = margin;
+    let second = checkpointing(&broker, &tenant, &dir_b, 2);
     let (from_b, report) = run_until_quiet(second).await;
     let (epoch, n) = report.resumed.expect("it resumed a checkpoint");
     assert_eq!(epoch, 1);
@@ -479,7 +459,6 @@ async fn resumed_on_another_engine(margin: i64) -> JobReport {
         Some(before_end),
         "every record counted once"
     );
-    report
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

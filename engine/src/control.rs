@@ -199,7 +199,6 @@ pub async fn start(
     let links = Links::default();
     let link_stats = links.stats.clone();
     let (exits_tx, exits) = mpsc::unbounded_channel();
-    let (stopped_tx, stopped) = mpsc::unbounded_channel();
     let coordinator = Coordinator {
         config,
         session,
@@ -208,13 +207,12 @@ pub async fn start(
         retry: HashMap::new(),
         unowned_since: HashMap::new(),
         stopping: HashMap::new(),
-        stopped_tx,
         exits_tx,
         status_tx,
         shutdown: shutdown.clone(),
         last_contact: Instant::now(),
     };
-    let task = tokio::spawn(coordinator.run(exits, stopped));
+    let task = tokio::spawn(coordinator.run(exits));
     Ok(Engine {
         status,
         links: link_stats,
@@ -281,9 +279,9 @@ struct Coordinator {
     retry: HashMap<Tenant, (Instant, Duration)>,
     unowned_since: HashMap<Tenant, Instant>,
     /// Jobs told to stop whose owner node is deleted once their task has ended (its last
-    /// checkpoint written): the tasks that wait for that. The coordinator goes on meanwhile.
+    /// checkpoint written): the tasks that wait for that. The coordinator goes on meanwhile;
+    /// a finished task leaves at the next reconcile (its node's deletion brings one).
     stopping: HashMap<Tenant, JoinHandle<()>>,
-    stopped_tx: mpsc::UnboundedSender<Tenant>,
     exits_tx: mpsc::UnboundedSender<Exit>,
     status_tx: watch::Sender<Vec<JobStatus>>,
     shutdown: CancellationToken,
@@ -552,11 +550,7 @@ async fn next_event(watcher: &mut Option<zk::PersistentWatcher>) -> zk::WatchedE
 }
 
 impl Coordinator {
-    async fn run(
-        mut self,
-        mut exits: mpsc::UnboundedReceiver<Exit>,
-        mut stopped: mpsc::UnboundedReceiver<Tenant>,
-    ) {
+    async fn run(mut self, mut exits: mpsc::UnboundedReceiver<Exit>) {
         let mut watcher: Option<zk::PersistentWatcher> = None;
         let mut watched_generation = 0;
         let mut tick = tokio::time::interval(TICK);
@@ -571,9 +565,6 @@ impl Coordinator {
                 _ = self.shutdown.cancelled() => break,
                 event = next_event(&mut watcher) => self.on_event(event, &mut watcher).await,
                 Some(exit) = exits.recv() => self.on_exit(exit).await,
-                Some(tenant) = stopped.recv() => {
-                    self.stopping.remove(&tenant);
-                }
                 _ = tick.tick() => {}
             }
             // Watch events come in bursts (a storm of registrations is one per client), and
@@ -691,6 +682,7 @@ impl Coordinator {
                 .get(t)
                 .is_some_and(|s| s.owner.is_none() && !s.clients.is_empty())
         });
+        self.stopping.retain(|_, waiter| !waiter.is_finished());
         for (tenant, t) in &snapshot.tenants {
             // A stopping job's owner node goes when its task has ended: not claimable before.
             if self.jobs.contains_key(tenant)
@@ -851,8 +843,6 @@ impl Coordinator {
         };
         let client = self.session.client().ok();
         let layout = self.config.layout.clone();
-        let done = self.stopped_tx.clone();
-        let tenant = tenant.clone();
         let waiter = {
             let tenant = tenant.clone();
             tokio::spawn(async move {
@@ -860,10 +850,9 @@ impl Coordinator {
                 if let Some(client) = client {
                     release_or_warn(&client, &layout, &tenant).await;
                 }
-                let _ = done.send(tenant);
             })
         };
-        self.stopping.insert(tenant, waiter);
+        self.stopping.insert(tenant.clone(), waiter);
     }
 
     /// Stops a job this engine owns and deletes its owner node at once, so the tenant is free

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use axum::serve::ListenerExt;
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession};
 use clickpulse_protocol::zk::{GatewayInfo, Layout};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -79,19 +79,36 @@ pub struct Running {
     pub task: JoinHandle<()>,
 }
 
+/// Connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`). A
+/// connect storm fills the queue faster than one accept loop drains it; past its end the
+/// kernel drops the handshake and the browser retries a whole second later (its first SYN
+/// retransmission), so the default of 128 turned every 256-at-once storm's slowest
+/// connects into 1 s ones.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// The HTTP listener, with a [`LISTEN_BACKLOG`]-deep accept queue.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart can bind while old connections are in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Binds both sockets (so a port in use fails here, clearly), then serves until `shutdown`.
 pub async fn start(
     config: GatewayConfig,
     shutdown: CancellationToken,
 ) -> Result<Running, GatewayError> {
     let key = auth::TokenKey::new(&config.secret)?;
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| GatewayError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+    let listener = listen(config.listen).map_err(|source| GatewayError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let http_addr = listener
         .local_addr()
         .map_err(|source| GatewayError::Listen {

@@ -1106,11 +1106,18 @@ const CHASE_LIMIT: Duration = Duration::from_secs(3);
 /// How long the look-up of resume positions waits at most (see [`Probe::at_or_before`]).
 const RESUME_PROBE_WAIT: Duration = Duration::from_secs(3);
 
-/// How much farther back each resume look-up of a partition is than the one before. Every
-/// look-up is a new consumer, and on a 2-core machine 36 of them at once (steps of 4 over
-/// three partitions of a million records) took 4 s to answer; steps of 16 need 7 per
-/// partition, and re-read at most 16 batches' worth of skipped records.
+/// How far back from a checkpoint offset its resume position is first looked up (see
+/// [`ResumeSearch`]): more than a batch of the replayer's on tansu (8–11 thousand records
+/// there), and little to read again where any offset can be read.
+const RESUME_BACK: i64 = 16_384;
+
+/// How much farther back each further resume look-up of a partition is than the one before:
+/// at most 16 batches' worth of records to read again.
 const RESUME_STEP: i64 = 16;
+
+/// How long the farthest resume look-up of a partition may stay unanswered before one farther
+/// back is added (the first answers took 0.2–0.4 s on tansu).
+const RESUME_ESCALATE: Duration = Duration::from_millis(600);
 
 /// How long one look-up waits for its record (see [`Probe`]).
 const PROBE_WAIT: Duration = Duration::from_millis(500);
@@ -1195,6 +1202,155 @@ impl Range {
     }
 }
 
+/// What a look-up assigned at `offset` has found so far: `None` while it waits.
+fn landing(consumer: &ProbeConsumer, offset: i64) -> Result<Option<Landing>, JobError> {
+    Ok(match consumer.poll(Duration::ZERO) {
+        Some(Ok(m)) if m.offset() >= offset => Some(Landing::Record {
+            offset: m.offset(),
+            time: event_time(&m),
+        }),
+        Some(Err(KafkaError::PartitionEOF(_))) => Some(Landing::Nothing),
+        Some(Err(e)) => return Err(e.into()),
+        _ => None,
+    })
+}
+
+/// The look-up of resume positions ([`Probe::at_or_before`]) as a state machine: which
+/// positions to look up, and what their landings mean.
+///
+/// A position is good for a partition when a consumer assigned there gets a record at or
+/// before the checkpoint's `next`. Per partition, the first look-ups are `next` itself (good
+/// where any offset can be read, or where `next` starts a batch) and `next -`
+/// [`RESUME_BACK`]; while none of them is good, each new one is [`RESUME_STEP`] times farther
+/// back, added when the farthest so far landed after `next` or found nothing, or has not
+/// answered for [`RESUME_ESCALATE`] (a position inside the last batch never answers). The
+/// first good answer settles the partition. `low` is good without a look-up.
+///
+/// Few look-ups, because each costs the broker: tansu's time to answer grows with the
+/// distance from the partition's end, and with how many are asked at once. In the recovery
+/// bench the former look-up (seven per partition, all at once) took 1.7–2.2 s; one look-up
+/// per partition at mid-topic answered in 0.2–0.3 s.
+#[derive(Debug)]
+struct ResumeSearch {
+    parts: Vec<ResumePart>,
+}
+
+#[derive(Debug)]
+struct ResumePart {
+    partition: i32,
+    next: i64,
+    low: i64,
+    /// The good position, once known.
+    found: Option<i64>,
+    /// The farthest back position looked up, and since when.
+    farthest: i64,
+    farthest_since: Duration,
+    /// How far back from `next` the farthest look-up is.
+    back: i64,
+}
+
+impl ResumePart {
+    /// Adds the next look-up, farther back; at `low`, settles instead.
+    fn escalate(&mut self, now: Duration) -> Option<(i32, i64)> {
+        self.back = self.back.saturating_mul(RESUME_STEP);
+        self.look_up_back(now)
+    }
+
+    fn look_up_back(&mut self, now: Duration) -> Option<(i32, i64)> {
+        let at = self.next.saturating_sub(self.back);
+        if at <= self.low {
+            self.found = Some(self.low);
+            return None;
+        }
+        self.farthest = at;
+        self.farthest_since = now;
+        Some((self.partition, at))
+    }
+}
+
+impl ResumeSearch {
+    /// The search for `(partition, next, low)`s, and its first look-ups.
+    fn new(wanted: &[(i32, i64, i64)]) -> (Self, Vec<(i32, i64)>) {
+        let mut first = Vec::new();
+        let parts = wanted
+            .iter()
+            .map(|&(partition, next, low)| {
+                let mut part = ResumePart {
+                    partition,
+                    next,
+                    low,
+                    found: None,
+                    farthest: next,
+                    farthest_since: Duration::ZERO,
+                    back: RESUME_BACK,
+                };
+                if let Some(back) = part.look_up_back(Duration::ZERO) {
+                    first.push((partition, next));
+                    first.push(back);
+                }
+                part
+            })
+            .collect();
+        (ResumeSearch { parts }, first)
+    }
+
+    fn part(&mut self, partition: i32) -> Option<&mut ResumePart> {
+        self.parts.iter_mut().find(|p| p.partition == partition)
+    }
+
+    /// Whether `partition` is settled (its look-ups can go).
+    fn found(&self, partition: i32) -> bool {
+        self.parts
+            .iter()
+            .any(|p| p.partition == partition && p.found.is_some())
+    }
+
+    fn done(&self) -> bool {
+        self.parts.iter().all(|p| p.found.is_some())
+    }
+
+    /// The look-up at `at` landed: the look-ups this adds.
+    fn answer(
+        &mut self,
+        partition: i32,
+        at: i64,
+        landing: Landing,
+        now: Duration,
+    ) -> Option<(i32, i64)> {
+        let part = self.part(partition)?;
+        if part.found.is_some() {
+            return None;
+        }
+        match landing {
+            Landing::Record { offset, .. } if offset <= part.next => {
+                part.found = Some(at);
+                None
+            }
+            // After `next`, or nothing: only the farthest look-up's answer calls for one
+            // farther back (a nearer one landing after `next` says nothing new).
+            _ if at == part.farthest => part.escalate(now),
+            _ => None,
+        }
+    }
+
+    /// Look-ups to add because the farthest one of a partition has been silent too long.
+    fn tick(&mut self, now: Duration) -> Vec<(i32, i64)> {
+        self.parts
+            .iter_mut()
+            .filter(|p| p.found.is_none() && now >= p.farthest_since + RESUME_ESCALATE)
+            .filter_map(|p| p.escalate(now))
+            .collect()
+    }
+
+    /// Each partition's position: the good one, or `low`.
+    fn positions(&self) -> Vec<(i32, i64)> {
+        self.parts
+            .iter()
+            .map(|p| (p.partition, p.found.unwrap_or(p.low)))
+            .collect()
+    }
+}
+
 fn event_time(m: &rdkafka::message::BorrowedMessage<'_>) -> i64 {
     // An undecodable record counts as the start of time: searches move past it, and the job
     // dead-letters it.
@@ -1267,16 +1423,7 @@ impl Probe {
             let mut i = 0;
             while i < open.len() {
                 let (slot, offset, consumer) = &open[i];
-                let landing = match consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) if m.offset() >= *offset => Some(Landing::Record {
-                        offset: m.offset(),
-                        time: event_time(&m),
-                    }),
-                    Some(Err(KafkaError::PartitionEOF(_))) => Some(Landing::Nothing),
-                    Some(Err(e)) => return Err(e.into()),
-                    _ => None,
-                };
-                if let Some(landing) = landing {
+                if let Some(landing) = landing(consumer, *offset)? {
                     out[*slot] = Some(landing);
                     open.swap_remove(i);
                 } else {
@@ -1455,73 +1602,44 @@ impl Probe {
     }
 
     /// Per partition `(partition, next, low)`, a position to assign at from which a consumer
-    /// gets `next` (and perhaps some records before it, to skip): `next` itself where any
-    /// offset can be read (Kafka); otherwise the latest of `next`, `next - 1`, `next - 16`, …
-    /// whose first record is at or before `next`, or `low`.
+    /// gets `next` (and perhaps some records before it, which the job skips), found by
+    /// [`ResumeSearch`]: where any offset can be read (Kafka), `next` or at most
+    /// [`RESUME_BACK`] before it, whichever answers first; otherwise usually the batch start
+    /// that `next - RESUME_BACK` lands on; `low` when nothing good answered within
+    /// [`RESUME_PROBE_WAIT`].
     fn at_or_before(&self, wanted: &[(i32, i64, i64)]) -> Result<Vec<(i32, i64)>, JobError> {
-        let mut probes: Vec<(i32, i64)> = Vec::new();
-        let mut targets: HashMap<i32, i64> = HashMap::new();
-        for &(p, next, low) in wanted {
-            targets.insert(p, next);
-            let mut step = 0i64;
-            loop {
-                let at = (next - step).max(low);
-                probes.push((p, at));
-                if at <= low {
-                    break;
+        let started = std::time::Instant::now();
+        let (mut search, first) = ResumeSearch::new(wanted);
+        let mut opened = first.len();
+        let mut open = first
+            .into_iter()
+            .map(|(p, at)| Ok((p, at, self.open(p, at, Read::First)?)))
+            .collect::<Result<Vec<_>, KafkaError>>()?;
+        while !search.done() && started.elapsed() < RESUME_PROBE_WAIT {
+            let mut more = search.tick(started.elapsed());
+            let mut i = 0;
+            while i < open.len() {
+                let (p, at, consumer) = &open[i];
+                if search.found(*p) {
+                    open.swap_remove(i);
+                    continue;
                 }
-                step = if step == 0 {
-                    1
-                } else {
-                    step.saturating_mul(RESUME_STEP)
-                };
+                match landing(consumer, *at)? {
+                    Some(landing) => {
+                        more.extend(search.answer(*p, *at, landing, started.elapsed()));
+                        open.swap_remove(i);
+                    }
+                    None => i += 1,
+                }
             }
+            for (p, at) in more {
+                opened += 1;
+                open.push((p, at, self.open(p, at, Read::First)?));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
-        let good = |i: usize, landing: &Option<Landing>| {
-            let (p, _) = probes[i];
-            matches!(landing, Some(Landing::Record { offset, .. }) if targets.get(&p).is_some_and(|&t| *offset <= t))
-        };
-        // Done when, for every partition, a usable position answered and every later one has
-        // answered too (a later usable one means less to read again); or, as positions inside
-        // a batch-serving broker's last batch never answer, once every partition has a usable
-        // answer and twice the time that took has passed. A new consumer's first answer takes
-        // about half a second on tansu: with the plain look-up wait only the first offset
-        // answered in time, and a resume re-read whole partitions (10 s in the recovery bench).
-        let all_good_at = std::cell::Cell::new(None::<Duration>);
-        let enough = |answers: &[Option<Landing>], elapsed: Duration| {
-            let mut settled = true;
-            for &p in targets.keys() {
-                let best = answers
-                    .iter()
-                    .enumerate()
-                    .filter(|&(i, a)| probes[i].0 == p && good(i, a))
-                    .map(|(i, _)| probes[i].1)
-                    .max();
-                let Some(best) = best else {
-                    return false;
-                };
-                settled &= answers
-                    .iter()
-                    .enumerate()
-                    .all(|(i, a)| probes[i].0 != p || probes[i].1 <= best || a.is_some());
-            }
-            let at = all_good_at.get().unwrap_or(elapsed);
-            all_good_at.set(Some(at));
-            settled || elapsed >= at * 2 + Duration::from_millis(50)
-        };
-        let landed = self.land_until(&probes, RESUME_PROBE_WAIT, enough)?;
-        let mut at: HashMap<i32, i64> = HashMap::new();
-        for (i, landing) in landed.iter().enumerate() {
-            let (p, probe) = probes[i];
-            if good(i, &Some(*landing)) {
-                let best = at.entry(p).or_insert(probe);
-                *best = (*best).max(probe);
-            }
-        }
-        Ok(wanted
-            .iter()
-            .map(|&(p, _, low)| (p, at.get(&p).copied().unwrap_or(low)))
-            .collect())
+        tracing::debug!(topic = %self.topic, look_ups = opened, ms = started.elapsed().as_millis() as u64, "resume positions looked up");
+        Ok(search.positions())
     }
 
     /// Per partition, the first position whose record's event time is `>= time` (the end
@@ -1696,6 +1814,81 @@ mod tests {
         let (start, lookups) = run(100_000, 1_000, 995_000);
         assert!((50_000..=99_000).contains(&start), "{start}");
         assert!(lookups <= 40);
+    }
+
+    /// [`ResumeSearch`] over one partition of `n` records from `low`, landing on `batch`
+    /// boundaries: `(position, look-ups)`. Look-ups answer at once, except inside the last
+    /// batch, where they never do; time goes by 100 ms a round.
+    fn resume(n: i64, batch: i64, low: i64, next: i64) -> (i64, usize) {
+        let (mut search, first) = ResumeSearch::new(&[(0, next, low)]);
+        let mut lookups = first.len();
+        let mut pending = first;
+        let last_batch = (n - 1) / batch * batch;
+        let mut now = Duration::ZERO;
+        while !search.done() && now < RESUME_PROBE_WAIT {
+            let mut more = search.tick(now);
+            for (p, at) in std::mem::take(&mut pending) {
+                let start = (at + batch - 1) / batch * batch;
+                if at > last_batch {
+                    pending.push((p, at)); // silent
+                } else {
+                    let landing = Landing::Record {
+                        offset: start,
+                        time: 0,
+                    };
+                    more.extend(search.answer(p, at, landing, now));
+                }
+            }
+            lookups += more.len();
+            pending.extend(more);
+            now += Duration::from_millis(100);
+        }
+        (search.positions()[0].1, lookups)
+    }
+
+    #[test]
+    fn a_resume_position_is_next_itself_where_any_offset_can_be_read() {
+        assert_eq!(resume(1_000_000, 1, 0, 654_321), (654_321, 2));
+    }
+
+    #[test]
+    fn a_resume_position_is_a_batch_start_at_or_before_next_with_few_look_ups() {
+        // Batches smaller than the first step back: two look-ups, the batch start
+        // before `next - RESUME_BACK`'s.
+        let (at, lookups) = resume(1_500_000, 10_000, 0, 775_038);
+        assert_eq!((at, lookups), (775_038 - RESUME_BACK, 2));
+        let (at, lookups) = resume(1_500_000, 10_000, 0, 770_000);
+        assert_eq!((at, lookups), (770_000, 2), "next is a batch start");
+        // Bigger batches: one step farther back.
+        let (at, lookups) = resume(1_500_000, 100_000, 0, 777_777);
+        assert_eq!((at, lookups), (777_777 - RESUME_BACK * RESUME_STEP, 3));
+        // Whatever it lands on, a consumer assigned there gets `next` or an earlier record.
+        for batch in [1, 777, 10_000, 65_536, 300_000] {
+            for next in [1, 16_384, 500_000, 1_234_567] {
+                let (at, _) = resume(1_500_000, batch, 0, next);
+                let landing = (at + batch - 1) / batch * batch;
+                assert!(
+                    at <= next && landing <= next,
+                    "batch {batch}, next {next}: {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn inside_the_silent_last_batch_the_look_up_goes_farther_back_in_time() {
+        // `next` and `next - RESUME_BACK` are both inside the last batch (800,000 on): neither
+        // answers, and after RESUME_ESCALATE one farther back does.
+        let (at, lookups) = resume(1_000_000, 200_000, 0, 900_000);
+        assert_eq!((at, lookups), (900_000 - RESUME_BACK * RESUME_STEP, 3));
+    }
+
+    #[test]
+    fn near_the_first_offset_the_resume_position_is_the_first_offset_without_look_ups() {
+        assert_eq!(resume(1_000_000, 10_000, 5_000, 5_000), (5_000, 0));
+        assert_eq!(resume(1_000_000, 10_000, 5_000, 20_000), (5_000, 0));
+        // A step back past the first offset settles there.
+        assert_eq!(resume(1_000_000, 300_000, 0, 100_000), (0, 2));
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! `scripts/bench recovery`: what exactly-once costs, for a tenant holding a full day of visitor
 //! history (all 989,818 visitors of the MSNBC dataset, 4,698,794 views), on a private
 //! ZooKeeper, the broker, a gateway and `clickpulse engine` processes (release build), jobs
-//! reading from the earliest offsets. Three runs, each on its own copy of the data:
+//! reading from the earliest offsets. Five runs, each on its own copy of the data:
 //!
 //! 1. checkpoints off: the time for the job to read and compute the whole topic;
 //! 2. checkpoints every 5 s: the same, plus each checkpoint's packed size and the time it took
 //!    (from the engine's `checkpoint written` log lines);
+//!
+//!    each twice, off and on in turn, the faster run of each compared: one run of each
+//!    differed by −5 to +15 % from one bench run to the next, more than checkpoints cost;
 //! 3. checkpoints on, two engines, the owner killed with SIGKILL while it reads, halfway between
 //!    two checkpoints (2.5 s after its first, or earlier if its run would end): the time from
 //!    the kill until the viewer gets a result it had not had (the new owner resumed the newest
@@ -105,7 +108,7 @@ async fn bench() {
     let cluster = Cluster::start().await;
     let users = dataset_users();
     let end_ms = newest_event_ms(&users, 0, 1) - 5_000 - 10_000;
-    let runs: Vec<Tenant> = ["off", "on", "kill"]
+    let runs: Vec<Tenant> = ["off", "on", "off", "on", "kill"]
         .iter()
         .map(|r| Tenant::new(unique_name(r)).unwrap())
         .collect();
@@ -120,30 +123,31 @@ async fn bench() {
     }
     let (gw, _gw_stop) = cluster.gateway("gw-bench").await;
 
-    // 1 and 2: the same work with checkpoints off and on.
-    let mut times = Vec::new();
-    let mut on_engine = None;
-    for (tenant, every, id) in [
-        (&runs[0], "0", "engine-off"),
-        (&runs[1], CHECKPOINT_S, "engine-on"),
-    ] {
-        let e = engine(&cluster, id, every);
+    // 1 and 2: the same work with checkpoints off and on, twice each, in turn.
+    let (mut off_s, mut on_s) = (f64::INFINITY, f64::INFINITY);
+    let mut on_daemons = Vec::new();
+    for (i, tenant) in runs[..4].iter().enumerate() {
+        let every = if i % 2 == 0 { "0" } else { CHECKPOINT_S };
+        let e = engine(&cluster, &format!("engine-{i}"), every);
         let since = Instant::now();
         let mut ws = viewer(&gw, tenant, r#""totals""#).await;
         let (took, _) = until_end(&mut ws, end_ms, since, &e).await;
         eprintln!("checkpoints every {every} s (0: off): the whole topic in {took:.1?}");
-        times.push(took.as_secs_f64());
         drop(ws);
         if every == "0" {
+            off_s = off_s.min(took.as_secs_f64());
             drop(e);
         } else {
-            on_engine = Some(e);
+            on_s = on_s.min(took.as_secs_f64());
+            on_daemons.push(e);
         }
     }
-    let on_engine = on_engine.unwrap();
-    let bytes = checkpoint_figures(&[&on_engine], "bytes");
-    let ms = checkpoint_figures(&[&on_engine], "ms");
-    let history = checkpoint_figures(&[&on_engine], "history");
+    let times = [off_s, on_s];
+    eprintln!("faster of each: off {off_s:.1} s, on {on_s:.1} s");
+    let on_engines: Vec<&Daemon> = on_daemons.iter().collect();
+    let bytes = checkpoint_figures(&on_engines, "bytes");
+    let ms = checkpoint_figures(&on_engines, "ms");
+    let history = checkpoint_figures(&on_engines, "history");
     let checkpoint_ms_p99 = percentile(&ms, 99.0);
     let state_bytes = bytes.last().copied().unwrap_or(0.0);
     eprintln!(
@@ -157,16 +161,17 @@ async fn bench() {
     let phases: Vec<String> = ["flush_ms", "history_ms", "pack_ms"]
         .iter()
         .map(|key| {
-            let v = checkpoint_figures(&[&on_engine], key);
+            let v = checkpoint_figures(&on_engines, key);
             format!("{key} {:.0}", v.last().copied().unwrap_or(f64::NAN))
         })
         .collect();
     eprintln!("  of which: {}", phases.join(", "));
-    drop(on_engine);
+    drop(on_engines);
+    drop(on_daemons);
     let throughput_cost_pct = (times[1] / times[0] - 1.0) * 100.0;
 
     // 3: kill -9 the owner halfway through; the other engine resumes.
-    let tenant = &runs[2];
+    let tenant = &runs[4];
     let mut a = engine(&cluster, "engine-a", CHECKPOINT_S);
     let since = Instant::now();
     let mut ws = viewer(&gw, tenant, r#""totals","pageviews""#).await;

@@ -66,7 +66,7 @@ struct Slots {
     /// Streams with something pending, the one waiting longest first.
     order: VecDeque<Stream>,
     /// Unsent messages per stream, oldest first: one at most, or [`SERIES_UNSENT`] for a
-    /// series ([`Stream::is_series`]).
+    /// series ([`Stream::is_series`]); a stream's queue stays once it has been used.
     pending: HashMap<Stream, VecDeque<Outgoing>>,
     /// Since when messages have been pending without one being taken: how long the client
     /// has made no progress.
@@ -104,7 +104,7 @@ impl Mailbox {
         if s.closed {
             return false;
         }
-        if s.pending.is_empty() {
+        if s.order.is_empty() {
             s.backlog_since = Some(Instant::now());
         }
         let stream = msg.stream;
@@ -132,7 +132,7 @@ impl Mailbox {
         if s.pending.remove(&stream).is_some() {
             s.order.retain(|x| *x != stream);
         }
-        if s.pending.is_empty() {
+        if s.order.is_empty() {
             s.backlog_since = None;
         }
     }
@@ -175,13 +175,13 @@ impl Mailbox {
         if more {
             // Its next one waits behind the other streams' (and the rate cap).
             s.order.push_back(stream);
-        } else {
-            s.pending.remove(&stream);
         }
+        // An emptied queue stays, allocated, for the stream's next message: dropping and
+        // reallocating it was a free and a malloc per result per client.
         if msg.is_some() {
             s.last_sent.insert(stream, now);
         }
-        s.backlog_since = (!s.pending.is_empty()).then_some(now);
+        s.backlog_since = (!s.order.is_empty()).then_some(now);
         (msg, None)
     }
 

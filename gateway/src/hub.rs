@@ -24,6 +24,9 @@ use clickpulse_protocol::ws::{Position, SERIES_UNSENT};
 use clickpulse_protocol::zmq::ResultFrame;
 use tokio::sync::Notify;
 
+/// Capacity up to which an emptied stream queue is kept for the next message.
+const KEPT_CAPACITY: usize = 4;
+
 /// What became of a published frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
@@ -168,16 +171,24 @@ impl Mailbox {
         let Some(stream) = s.order.remove(i) else {
             return (None, None);
         };
-        let (msg, more) = match s.pending.get_mut(&stream) {
-            Some(queue) => (queue.pop_front(), !queue.is_empty()),
-            None => (None, false),
+        let (msg, more, grown) = match s.pending.get_mut(&stream) {
+            Some(queue) => (
+                queue.pop_front(),
+                !queue.is_empty(),
+                queue.capacity() > KEPT_CAPACITY,
+            ),
+            None => (None, false, false),
         };
         if more {
             // Its next one waits behind the other streams' (and the rate cap).
             s.order.push_back(stream);
+        } else if grown {
+            // A burst's queue goes: kept, every client that had one would hold its size
+            // (up to SERIES_UNSENT results) while idle again.
+            s.pending.remove(&stream);
         }
-        // An emptied queue stays, allocated, for the stream's next message: dropping and
-        // reallocating it was a free and a malloc per result per client.
+        // Otherwise an emptied queue stays, allocated, for the stream's next message:
+        // dropping and reallocating it was a free and a malloc per result per client.
         if msg.is_some() {
             s.last_sent.insert(stream, now);
         }
@@ -533,6 +544,29 @@ mod tests {
         assert_eq!(mailbox.take(), None, "bounded: one message per stream");
         assert_eq!(mailbox.conflated(), 1998);
         assert_eq!(mailbox.backlog_age(), None);
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_queue_back_and_a_steady_stream_keeps_its_own() {
+        let mailbox = Mailbox::new();
+        let series = Stream::PageViews;
+        assert!(series.is_series());
+        for i in 0..SERIES_UNSENT {
+            mailbox.offer(Outgoing::new(series, format!("{i}").into(), false));
+        }
+        while mailbox.take().is_some() {}
+        assert!(!lock(&mailbox.slots).pending.contains_key(&series));
+        for i in 0..3 {
+            mailbox.offer(Outgoing::new(Stream::TopN, format!("{i}").into(), false));
+            assert!(mailbox.take().is_some());
+        }
+        let slots = lock(&mailbox.slots);
+        let kept = slots
+            .pending
+            .get(&Stream::TopN)
+            .expect("kept for the next result");
+        assert!(kept.is_empty() && kept.capacity() <= KEPT_CAPACITY);
+        assert!(slots.order.is_empty());
     }
 
     #[test]

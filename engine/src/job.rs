@@ -550,8 +550,6 @@ struct Written {
 
 /// A checkpoint as taken on the job loop, to be written.
 struct Taken {
-    epoch: u64,
-    n: u64,
     /// History entries to log: every visitor (a snapshot) or what changed.
     entries: Vec<(u64, crate::history::History)>,
     snapshot: bool,
@@ -624,8 +622,6 @@ impl Checkpoints {
             stopped,
         };
         let taken = Taken {
-            epoch: self.epoch,
-            n: self.n,
             entries,
             snapshot,
             state: pipeline.snapshot(),
@@ -653,8 +649,6 @@ async fn write_checkpoint(
     output: Arc<Output>,
 ) -> Result<Written, JobError> {
     let Taken {
-        epoch,
-        n,
         entries,
         snapshot,
         state,
@@ -663,6 +657,7 @@ async fn write_checkpoint(
         flush_ms,
         loop_ms,
     } = taken;
+    let (epoch, n) = (manifest.epoch, manifest.n);
     let history = entries.len();
     let phase = std::time::Instant::now();
     // Building the logs and packing megabytes of state take a while: on blocking threads.

@@ -69,7 +69,8 @@ struct Slots {
     /// Streams with something pending, the one waiting longest first.
     order: VecDeque<Stream>,
     /// Unsent messages per stream, oldest first: one at most, or [`SERIES_UNSENT`] for a
-    /// series ([`Stream::is_series`]); a stream's queue stays once it has been used.
+    /// series ([`Stream::is_series`]); an emptied queue stays for the stream's next message
+    /// unless a burst grew it past [`KEPT_CAPACITY`].
     pending: HashMap<Stream, VecDeque<Outgoing>>,
     /// Since when messages have been pending without one being taken: how long the client
     /// has made no progress.

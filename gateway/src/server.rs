@@ -495,7 +495,8 @@ async fn serve_client(
     let client_id = format!("c-{client}");
     // Per-client churn is debug: at thousands of connects a second, a line each was 5 % of
     // the gateway's CPU in a connect storm. Connections are counted in /metrics; closes the
-    // gateway decides (slow, idle, shutdown, over capacity) are logged below at info.
+    // gateway decides (slow, idle, shutdown) are logged at info at the end, over capacity
+    // above at warn.
     tracing::debug!(%tenant, client = %client_id, %peer, "client connected");
     // Registered before it is served: the registration is what makes an engine run the job.
     let mut registration = ClientRegistration {

@@ -518,9 +518,9 @@ type JobPipeline = Pipeline<Changelog<RedbStore>>;
 ///
 /// A checkpoint is taken on the job loop: the history flushed, its changes taken, a copy of
 /// the operator state, the offsets and sequence number. Writing it (history logs, packing
-/// the state, chunks, manifest, deleting what it replaces) then goes on in a task of its own
-/// while the job reads on: those took 0.3–0.5 s of every checkpoint of a tenant with a full
-/// day of history, a stall of the results every interval. The next checkpoint, and the job's
+/// the state, chunks, the manifest and its acknowledgement, deleting what it replaces) then
+/// goes on in a task of its own while the job reads on: those took 0.3–0.5 s of every
+/// checkpoint of a tenant with a full day of history, a stall of the results every interval. The next checkpoint, and the job's
 /// end (on any path), first wait for it: checkpoints land in order, and nothing the next
 /// owner restores changes after this job is gone.
 struct Checkpoints {
@@ -690,8 +690,15 @@ async fn write_checkpoint(
     // too (its key is not this job's).
     let previous = written.previous.take();
     let records = checkpoint::records(&mut manifest, &packed, previous.as_ref());
+    // The manifest is waited for: the checkpoint is written once the broker has it (and so
+    // everything before it), whatever happens to this job after.
+    let manifest_key = Key::Manifest { epoch }.encode();
     for (key, value) in &records {
-        output.state(key, value.as_deref()).await?;
+        if *key == manifest_key {
+            output.state_acked(key, value.as_deref()).await?;
+        } else {
+            output.state(key, value.as_deref()).await?;
+        }
     }
     let mut obsolete = std::mem::take(&mut written.obsolete);
     obsolete.extend(previous.filter(|p| p.epoch != epoch));

@@ -183,6 +183,7 @@ async fn collect(rx: &mut mpsc::Receiver<ResultMsg>, quiet: Duration) -> Vec<Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("job")).unwrap();
     replay(&broker, &tenant, 3_000);
@@ -227,6 +228,7 @@ async fn a_job_computes_what_the_pipeline_computes_from_the_same_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_are_counted_and_the_job_goes_on() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("bad")).unwrap();
     replay(&broker, &tenant, 200);
@@ -281,6 +283,7 @@ async fn malformed_records_are_counted_and_the_job_goes_on() {
 
 #[tokio::test]
 async fn a_missing_topic_is_a_clear_error() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("none")).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -293,6 +296,7 @@ async fn a_missing_topic_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_started_one_window_back_emits_a_complete_window_first() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("window")).unwrap();
     replay(&broker, &tenant, 2_000);
@@ -370,6 +374,7 @@ fn same_result(a: &ResultMsg, b: &ResultMsg) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_nothing() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("resume")).unwrap();
     replay(&broker, &tenant, 3_000);
@@ -463,6 +468,7 @@ async fn a_job_resumed_on_another_engine_re_emits_the_same_results_and_loses_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_start() {
+    clickpulse_tests::log_to_test_output();
     let broker = Broker::start().unwrap();
     let tenant = Tenant::new(unique_name("undecodable")).unwrap();
     replay(&broker, &tenant, 500);
@@ -523,6 +529,7 @@ async fn a_checkpoint_whose_state_does_not_decode_is_passed_over_for_a_fresh_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_history_log_longer_than_the_history_is_replaced_by_a_snapshot() {
+    clickpulse_tests::log_to_test_output();
     use clickpulse_engine::checkpoint::{Scan, history_records, unpack};
     use clickpulse_protocol::state::{Key, VisitorHistory, decode_entries};
 

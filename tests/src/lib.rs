@@ -61,6 +61,18 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Sends the `tracing` output of the code under test to the test's captured output (shown
+/// only when the test fails): `RUST_LOG` if set, else `info`. Safe to call from every test.
+pub fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Only the first call in a process installs it; the others find it there.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes; true if it held. The bounded
 /// wait every test uses instead of a sleep.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool

@@ -16,6 +16,12 @@
 //!   The peer gets the very text the gateway sends its clients, so each delivery is the same
 //!   size on both.
 //!
+//! Then the same fan-out against a **floor**: this binary again (`--floor-server PORT`), a
+//! server that does nothing but one blocking `write(2)` of a ready frame per client, from two
+//! threads (no tasks, queues, timers or wake-ups; see [`floor`]). Its delivery times are the
+//! least any server could reach with this load generator on this machine, and are printed
+//! (`floor: …`) beside the others.
+//!
 //! Last line, one JSON object: `{"idle_connections", "rss_bytes_per_connection",
 //! "fanout_clients", "updates_per_sec", "delivery_ms_p50", "delivery_ms_p99",
 //! "connects_per_sec", "peer_rss_bytes_per_connection", "peer_delivery_ms_p99",
@@ -52,6 +58,12 @@ const RATE: f64 = 10.0;
 const SECRET: &str = "a bench secret of at least 32 bytes!";
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == floor::ARG) {
+        let port = args.get(at + 1).and_then(|p| p.parse().ok());
+        floor::serve(port.expect("--floor-server PORT"));
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -263,19 +275,17 @@ async fn bench() {
         figures
     };
 
-    let peer = {
-        let (mut child, port) = start_peer();
-        let server = Server::Peer {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        let figures = measure("peer", &server, child.id(), clients).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        figures
-    };
+    let peer = measure_peer("peer", node_peer(), clients).await;
+    let mut floor = Command::new(std::env::current_exe().unwrap());
+    floor.args([floor::ARG, &free_port().unwrap().to_string()]);
+    let floor = measure_peer("floor", floor, clients).await;
 
     eprintln!("gateway: {gateway:?}");
     eprintln!("peer:    {peer:?}");
+    eprintln!(
+        "floor:   delivery p50 {:.1} ms, p99 {:.1} ms (one write per client and nothing else)",
+        floor.p50_ms, floor.p99_ms
+    );
     println!(
         "{}",
         serde_json::json!({
@@ -344,9 +354,8 @@ fn ready(addr: &SocketAddr) -> bool {
     stream.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
-/// Starts the Node.js peer (installing its one package first when needed); returns it and its
-/// port.
-fn start_peer() -> (std::process::Child, u16) {
+/// The Node.js peer's command line (installing its one package first when needed).
+fn node_peer() -> Command {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/peer");
     if !dir.join("node_modules/ws").exists() {
         eprintln!("bench: installing the peer's npm package (ws)");
@@ -357,20 +366,150 @@ fn start_peer() -> (std::process::Child, u16) {
             .expect("npm, to install the peer (scripts/setup installs Node.js)");
         assert!(status.success(), "npm ci in {} failed", dir.display());
     }
-    let mut child = Command::new("node")
+    let mut command = Command::new("node");
+    command
         .arg(dir.join("peer.mjs"))
-        .arg(free_port().unwrap().to_string())
+        .arg(free_port().unwrap().to_string());
+    command
+}
+
+/// Measures a server speaking the peer's protocol, started by `command`, then stops it.
+async fn measure_peer(name: &str, command: Command, clients: usize) -> Figures {
+    let (mut child, port) = start_peer(command);
+    let server = Server::Peer {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    };
+    let figures = measure(name, &server, child.id(), clients).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    figures
+}
+
+/// Starts a server speaking the peer's protocol, which prints `{"port": P, "pid": N}` once
+/// listening; returns it and its port.
+fn start_peer(mut command: Command) -> (std::process::Child, u16) {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("node, to run the peer");
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
     let started: serde_json::Value = serde_json::from_str(&line)
-        .unwrap_or_else(|e| panic!("the peer printed {line:?}, not its port: {e}"));
+        .unwrap_or_else(|e| panic!("{command:?} printed {line:?}, not its port: {e}"));
     (child, started["port"].as_u64().unwrap() as u16)
+}
+
+/// The floor: the least a fan-out server can do per delivery. Clients at any path but `/pub`
+/// are dealt to two sender threads in turn; each text frame a `/pub` client sends is built
+/// once as a server frame and written, blocking, to every client by both threads (half
+/// each). The upgrade answer skips `Sec-WebSocket-Accept` (the load generator does not check
+/// it), pings are never sent, a client that fails a write is dropped. Not a server anyone
+/// should run: nothing bounds a slow client here.
+mod floor {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::{Arc, Mutex, mpsc};
+
+    pub const ARG: &str = "--floor-server";
+    const SENDERS: usize = 2;
+
+    pub fn serve(port: u16) {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        println!(r#"{{"port":{port},"pid":{}}}"#, std::process::id());
+        let mut clients: Vec<Arc<Mutex<Vec<TcpStream>>>> = Vec::new();
+        let mut senders: Vec<mpsc::Sender<Arc<Vec<u8>>>> = Vec::new();
+        for _ in 0..SENDERS {
+            let mine = Arc::new(Mutex::new(Vec::<TcpStream>::new()));
+            let (tx, rx) = mpsc::channel::<Arc<Vec<u8>>>();
+            let list = mine.clone();
+            std::thread::spawn(move || {
+                for frame in rx {
+                    list.lock()
+                        .unwrap()
+                        .retain_mut(|client| client.write_all(&frame).is_ok());
+                }
+            });
+            clients.push(mine);
+            senders.push(tx);
+        }
+        let senders = Arc::new(senders);
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_nodelay(true);
+            let Some(head) = request_head(&mut stream) else {
+                continue;
+            };
+            let upgraded = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+            if stream.write_all(upgraded).is_err() {
+                continue;
+            }
+            if head.starts_with(b"GET /pub ") {
+                let senders = senders.clone();
+                std::thread::spawn(move || {
+                    while let Some(frame) = read_text(&mut stream) {
+                        let frame = Arc::new(frame);
+                        for sender in senders.iter() {
+                            let _ = sender.send(frame.clone());
+                        }
+                    }
+                });
+            } else {
+                clients[n % SENDERS].lock().unwrap().push(stream);
+            }
+        }
+    }
+
+    fn request_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if stream.read(&mut byte).ok()? == 0 {
+                return None;
+            }
+            head.push(byte[0]);
+        }
+        Some(head)
+    }
+
+    /// Reads one masked client frame; returns it as an unmasked server text frame.
+    fn read_text(stream: &mut TcpStream) -> Option<Vec<u8>> {
+        let mut header = [0u8; 2];
+        stream.read_exact(&mut header).ok()?;
+        let len = match header[1] & 0x7f {
+            126 => {
+                let mut be = [0u8; 2];
+                stream.read_exact(&mut be).ok()?;
+                usize::from(u16::from_be_bytes(be))
+            }
+            127 => {
+                let mut be = [0u8; 8];
+                stream.read_exact(&mut be).ok()?;
+                usize::try_from(u64::from_be_bytes(be)).ok()?
+            }
+            short => usize::from(short),
+        };
+        let mut mask = [0u8; 4];
+        stream.read_exact(&mut mask).ok()?;
+        let mut payload = vec![0u8; len];
+        stream.read_exact(&mut payload).ok()?;
+        let mut frame = vec![0x81];
+        match len {
+            n if n < 126 => frame.push(n as u8),
+            n if n <= 0xffff => {
+                frame.push(126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        Some(frame)
+    }
 }
 
 /// Resident set size of a process, bytes.

@@ -79,6 +79,8 @@ struct Slots {
     min_interval: Option<Duration>,
     last_sent: HashMap<Stream, Instant>,
     closed: bool,
+    /// Closed because the gateway is shutting down (not because the client left).
+    going_away: bool,
 }
 
 /// A client's outgoing queue: at most one pending message per stream, or the newest
@@ -238,6 +240,18 @@ impl Mailbox {
         lock(&self.slots).closed = true;
         self.notify.notify_waiters();
         self.notify.notify_one();
+    }
+
+    /// Closes the mailbox because the gateway shuts down: [`Mailbox::next`] hands out what
+    /// is pending, then `None`, and [`Mailbox::going_away`] says why.
+    pub fn shut_down(&self) {
+        lock(&self.slots).going_away = true;
+        self.close();
+    }
+
+    /// Whether [`Mailbox::shut_down`] closed it.
+    pub fn going_away(&self) -> bool {
+        lock(&self.slots).going_away
     }
 }
 

@@ -168,6 +168,13 @@ pub async fn start(
         registry,
         shutdown.clone(),
     );
+    {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            state.going_away();
+        });
+    }
     let ingress_task = tokio::spawn(ingress::run(
         pull,
         hub.clone(),

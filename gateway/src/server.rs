@@ -246,6 +246,10 @@ pub struct AppState {
     pub registry: Option<Registry>,
     next_client: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Every served client's mailbox: shutdown reaches the clients through them. (A shutdown
+    /// waiter in each client's loop was registered and dropped with every result sent, a lock
+    /// that all 10,000 clients of a fan-out took twice per update.)
+    mailboxes: Mutex<HashMap<u64, Arc<Mailbox>>>,
 }
 
 /// The gateway's ZooKeeper registrations.
@@ -290,7 +294,33 @@ impl AppState {
             metrics: Metrics::default(),
             next_client: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
+            mailboxes: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn mailboxes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Mailbox>>> {
+        self.mailboxes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a client's mailbox to those shutdown closes; closed at once when shutdown has
+    /// begun (its sweep may have passed already).
+    fn enrol(&self, client: u64, mailbox: &Arc<Mailbox>) {
+        self.mailboxes().insert(client, mailbox.clone());
+        if self.shutdown.is_cancelled() {
+            mailbox.shut_down();
+        }
+    }
+
+    fn unenrol(&self, client: u64) {
+        self.mailboxes().remove(&client);
+    }
+
+    /// Closes every client's mailbox: each client gets what was pending, then 1001. Called
+    /// once the shutdown token is cancelled (a client enrolling after this sees the token).
+    pub fn going_away(&self) {
+        for mailbox in self.mailboxes().values() {
+            mailbox.shut_down();
+        }
     }
 }
 
@@ -491,26 +521,28 @@ async fn serve_client(
         .await;
         return;
     };
-    let tenant = claims.tenant.clone();
-    let client_id = format!("c-{client}");
+    // The claims' strings become the registration's, the one copy of each the client keeps
+    // while it is connected (idle clients are counted in bytes).
+    let Claims { tenant, rights, .. } = claims;
+    // Registered before it is served: the registration is what makes an engine run the job.
+    let mut registration = ClientRegistration {
+        gateway: state.gateway_id.clone(),
+        client: format!("c-{client}"),
+        tenant,
+        rights,
+        streams: Vec::new(),
+        connected_at_ms: clickpulse_protocol::zk::now_ms(),
+    };
+    let (tenant, client_id) = (&registration.tenant, &registration.client);
     // Per-client churn is debug: at thousands of connects a second, a line each was 5 % of
     // the gateway's CPU in a connect storm. Connections are counted in /metrics; closes the
     // gateway decides (slow, idle, shutdown) are logged at info at the end, over capacity
     // above at warn.
     tracing::debug!(%tenant, client = %client_id, %peer, "client connected");
-    // Registered before it is served: the registration is what makes an engine run the job.
-    let mut registration = ClientRegistration {
-        gateway: state.gateway_id.clone(),
-        client: client_id.clone(),
-        tenant: tenant.clone(),
-        rights: claims.rights.clone(),
-        streams: Vec::new(),
-        connected_at_ms: clickpulse_protocol::zk::now_ms(),
-    };
     let registered = state
         .registry
         .as_ref()
-        .map(|r| (r, r.layout.client(&tenant, &state.gateway_id, &client_id)));
+        .map(|r| (r, r.layout.client(tenant, &state.gateway_id, client_id)));
     if let Some((registry, path)) = &registered {
         if let Err(error) = registry.register(path, &registration).await {
             state
@@ -534,6 +566,7 @@ async fn serve_client(
         streams: Stream::ALL.to_vec(),
     };
     let mailbox = Mailbox::new();
+    state.enrol(client, &mailbox);
     // No per-client polling: an idle client costs a ping timer and an idle deadline, both
     // far apart (thousands of quiet clients must not wake the gateway up many times a second).
     let mut ping = tokio::time::interval(state.limits.ping_interval);
@@ -545,13 +578,15 @@ async fn serve_client(
     } else {
         loop {
             // In this order, so that a result ready to go (what 10,000 clients wake up for, ten
-            // times a second) is sent without first polling the others: the shutdown waiter
-            // registers with the one token every client shares (a lock), the reader and the
-            // timers with the runtime. Nothing starves: a mailbox only has what came since.
+            // times a second) is sent without first polling the reader and the timers (each
+            // registers with the runtime). Nothing starves: a mailbox only has what came since.
+            // Shutdown comes through the mailbox too.
             tokio::select! {
                 biased;
                 out = mailbox.next() => {
-                    let Some(out) = out else { break None };
+                    let Some(out) = out else {
+                        break mailbox.going_away().then_some(CloseCode::GoingAway);
+                    };
                     // A client that stops reading fills its TCP buffers and blocks the send:
                     // bounded, or the slow-client check below would never run.
                     match tokio::time::timeout(state.limits.slow_client_timeout, socket.send(Message::Text(out.text))).await {
@@ -566,7 +601,6 @@ async fn serve_client(
                         Err(_) => break Some(CloseCode::SlowConsumer),
                     }
                 }
-                _ = state.shutdown.cancelled() => break Some(CloseCode::GoingAway),
                 incoming = socket.recv() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + state.limits.idle_timeout);
                     match incoming {
@@ -591,7 +625,7 @@ async fn serve_client(
                                         Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
                                     });
                                     mailbox.set_min_interval(interval);
-                                    state.hub.subscribe(&tenant, client, &streams, after, &mailbox);
+                                    state.hub.subscribe(tenant, client, &streams, after, &mailbox);
                                     for s in streams {
                                         if !registration.streams.contains(&s) {
                                             registration.streams.push(s);
@@ -601,7 +635,7 @@ async fn serve_client(
                                 }
                             }
                             Ok(ClientMsg::Unsubscribe { streams }) => {
-                                state.hub.unsubscribe(&tenant, client, &streams);
+                                state.hub.unsubscribe(tenant, client, &streams);
                                 registration.streams.retain(|s| !streams.contains(s));
                                 None
                             }
@@ -639,7 +673,8 @@ async fn serve_client(
             }
         }
     };
-    state.hub.remove(&tenant, client);
+    state.hub.remove(tenant, client);
+    state.unenrol(client);
     if let Some((registry, path)) = &registered
         && let Err(error) = registry.session.deregister(path).await
     {

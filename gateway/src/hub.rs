@@ -23,6 +23,7 @@ use clickpulse_protocol::results::{Admit, Order, Stream};
 use clickpulse_protocol::ws::{Position, SERIES_UNSENT};
 use clickpulse_protocol::zmq::ResultFrame;
 use futures_util::task::AtomicWaker;
+use rustc_hash::FxHashMap;
 
 /// Capacity up to which an emptied stream queue is kept for the next message.
 const KEPT_CAPACITY: usize = 4;
@@ -71,13 +72,13 @@ struct Slots {
     /// Unsent messages per stream, oldest first: one at most, or [`SERIES_UNSENT`] for a
     /// series ([`Stream::is_series`]); an emptied queue stays for the stream's next message
     /// unless a burst grew it past [`KEPT_CAPACITY`].
-    pending: HashMap<Stream, VecDeque<Outgoing>>,
+    pending: FxHashMap<Stream, VecDeque<Outgoing>>,
     /// Since when messages have been pending without one being taken: how long the client
     /// has made no progress.
     backlog_since: Option<Instant>,
     /// The client's rate cap: at most one message per stream per interval.
     min_interval: Option<Duration>,
-    last_sent: HashMap<Stream, Instant>,
+    last_sent: FxHashMap<Stream, Instant>,
     closed: bool,
     /// Closed because the gateway is shutting down (not because the client left).
     going_away: bool,
@@ -146,12 +147,17 @@ impl Mailbox {
     /// Queues a message, replacing an unsent one of the same stream; true when it replaced
     /// one (conflation).
     pub fn offer(&self, msg: Outgoing) -> bool {
+        self.offer_at(msg, Instant::now())
+    }
+
+    /// [`Mailbox::offer`] at `now`: a result offered to thousands reads the clock once.
+    fn offer_at(&self, msg: Outgoing, now: Instant) -> bool {
         let mut s = lock(&self.slots);
         if s.closed {
             return false;
         }
         if s.order.is_empty() {
-            s.backlog_since = Some(Instant::now());
+            s.backlog_since = Some(now);
         }
         let stream = msg.stream;
         let keep = if stream.is_series() { SERIES_UNSENT } else { 1 };
@@ -312,8 +318,10 @@ impl Subscriber {
 struct TenantState {
     /// The newest epoch heard from and the last `(run, seq)` accepted.
     order: Order,
-    latest: HashMap<Stream, (Position, Arc<str>)>,
-    subscribers: HashMap<u64, Subscriber>,
+    latest: FxHashMap<Stream, (Position, Arc<str>)>,
+    /// By client id (the gateway's own numbers: no hash flooding to fear, here or in the
+    /// per-stream maps).
+    subscribers: FxHashMap<u64, Subscriber>,
 }
 
 /// Counters of the hub, for metrics.
@@ -362,9 +370,10 @@ impl Hub {
         t.latest.insert(frame.stream, (at, json.clone()));
         let mut delivered = 0;
         let live = Outgoing::new(frame.stream, json.clone(), false);
+        let now = Instant::now();
         for sub in t.subscribers.values() {
             if sub.streams.contains(&frame.stream) && !sub.has(at) {
-                let replaced = sub.mailbox.offer(live.clone());
+                let replaced = sub.mailbox.offer_at(live.clone(), now);
                 if replaced {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
                 }

@@ -16,6 +16,7 @@ use clickpulse_protocol::auth::Claims;
 use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::ws::{ClientMsg, CloseCode, ErrorCode, SUBPROTOCOL, ServerMsg};
 use clickpulse_protocol::zk::Right;
+use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
@@ -249,7 +250,7 @@ pub struct AppState {
     /// Every served client's mailbox: shutdown reaches the clients through them. (A shutdown
     /// waiter in each client's loop was registered and dropped with every result sent, a lock
     /// that all 10,000 clients of a fan-out took twice per update.)
-    mailboxes: Mutex<HashMap<u64, Arc<Mailbox>>>,
+    mailboxes: Mutex<FxHashMap<u64, Arc<Mailbox>>>,
 }
 
 /// The gateway's ZooKeeper registrations.
@@ -294,11 +295,11 @@ impl AppState {
             metrics: Metrics::default(),
             next_client: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
-            mailboxes: Mutex::new(HashMap::new()),
+            mailboxes: Mutex::default(),
         })
     }
 
-    fn mailboxes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Mailbox>>> {
+    fn mailboxes(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Arc<Mailbox>>> {
         self.mailboxes.lock().unwrap_or_else(|e| e.into_inner())
     }
 

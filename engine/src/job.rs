@@ -520,9 +520,9 @@ type JobPipeline = Pipeline<Changelog<RedbStore>>;
 /// the operator state, the offsets and sequence number. Writing it (history logs, packing
 /// the state, chunks, the manifest and its acknowledgement, deleting what it replaces) then
 /// goes on in a task of its own while the job reads on: those took 0.3–0.5 s of every
-/// checkpoint of a tenant with a full day of history, a stall of the results every interval. The next checkpoint, and the job's
-/// end (on any path), first wait for it: checkpoints land in order, and nothing the next
-/// owner restores changes after this job is gone.
+/// checkpoint of a tenant with a full day of history, a stall of the results every interval.
+/// The next checkpoint, and the job's end (on any path), first wait for it: checkpoints land
+/// in order, and nothing the next owner restores changes after this job is gone.
 struct Checkpoints {
     epoch: u64,
     /// Checkpoints this job took.

@@ -203,6 +203,26 @@ fn logs(engines: &BTreeMap<&str, Daemon>) -> String {
         .collect()
 }
 
+/// What the engines logged about one tenant (its last 200 lines), for a failure message:
+/// its job's starts, resumes, checkpoints, progress and stops on either engine.
+fn tenant_logs(engines: &BTreeMap<&str, Daemon>, tenant: &Tenant) -> String {
+    let needle = tenant.as_str();
+    let mut out = String::new();
+    for (id, d) in engines {
+        let log = std::fs::read_to_string(d.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+        out.push_str(&format!(
+            "\n--- {id} ({} lines about {tenant})\n",
+            lines.len()
+        ));
+        for line in &lines[lines.len().saturating_sub(200)..] {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn engine(cluster: &Cluster, id: &str) -> Daemon {
     // The default idle timeout: a partition caught up with the live replay must not pass for
     // idle between two of its batches (its next records would come in late).
@@ -389,9 +409,15 @@ async fn totals_are_exact_and_delivered_once_across_engine_and_gateway_kills() {
         assert_eq!(
             (t.late, t.dead_lettered),
             (0, MALFORMED),
-            "{tenant}: late events and dead letters"
+            "{tenant}: late events and dead letters; {}",
+            tenant_logs(&engines, tenant)
         );
-        assert_eq!(of_totals(t), want, "{tenant}: totals at the client");
+        assert_eq!(
+            of_totals(t),
+            want,
+            "{tenant}: totals at the client; {}",
+            tenant_logs(&engines, tenant)
+        );
         let durable = durable_totals(&bootstrap, tenant).unwrap();
         assert_eq!(
             durable.position(),

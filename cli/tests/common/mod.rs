@@ -39,6 +39,17 @@ pub struct Cluster {
     pub session: ZkSession,
 }
 
+/// A failed test keeps the cluster's directory (engine and gateway logs, job state) and says
+/// where: what the processes did is what explains the failure.
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("cluster logs kept in {}", self.dir.path().display());
+        }
+    }
+}
+
 impl Cluster {
     pub async fn start() -> Cluster {
         let zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();

@@ -347,6 +347,7 @@ pub async fn run_job(
                             if !seen_any[p] && !idle[p] {
                                 idle[p] = true;
                                 pipeline.on_idle(p)?;
+                                tracing::debug!(tenant = %config.tenant, partition = p, watermark_ms = pipeline.watermark(), "partition idle: at its end with nothing since the start");
                                 emit(&mut pipeline, &output, &results, &mut report).await?;
                             }
                             continue;
@@ -367,6 +368,7 @@ pub async fn run_job(
                             }
                         }
                         pipeline.forget_idleness();
+                        tracing::debug!(tenant = %config.tenant, partition, offset = message.offset(), watermark_ms = pipeline.watermark(), "partition delivers again: every partition holds the watermark anew");
                     }
                     if let Some(seen) = last_seen.get_mut(partition) {
                         *seen = Instant::now();
@@ -457,6 +459,7 @@ pub async fn run_job(
                         if silent && !idle[p] && seen.elapsed() >= config.idle_timeout {
                             idle[p] = true;
                             pipeline.on_idle(p)?;
+                            tracing::debug!(tenant = %config.tenant, partition = p, at_end = at_end[p], watermark_ms = pipeline.watermark(), "partition idle: silent for the idle timeout");
                         }
                     }
                 }

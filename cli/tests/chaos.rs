@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Malformed records written to each tenant's topic before the replay.
 const MALFORMED: u64 = 7;
+/// Partitions of each `clicks.<tenant>`.
+const PARTITIONS: i32 = 3;
 /// The session gap the engines use (the default).
 const GAP_MS: i64 = 30 * 60 * 1000;
 /// How long the whole run may take before the test gives up.
@@ -195,6 +197,42 @@ fn durable_totals(bootstrap: &str, tenant: &Tenant) -> Option<ResultMsg> {
     last
 }
 
+/// How many records `clicks.<tenant>` holds against how many went in (the tenant's page views
+/// and the malformed ones), for a failure message: late events with the engine's logs clean
+/// would point at the input (a record stored twice) rather than at the job.
+fn input_count(
+    bootstrap: &str,
+    tenant: &Tenant,
+    users: &[Vec<u16>],
+    index: usize,
+    tenants: usize,
+) -> String {
+    let topic = topics::clicks(tenant);
+    let produced: usize = users
+        .iter()
+        .enumerate()
+        .filter(|(u, _)| u % tenants == index)
+        .map(|(_, pages)| pages.len())
+        .sum::<usize>()
+        + MALFORMED as usize;
+    let consumer: BaseConsumer = match ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("{topic}: no consumer to count it: {e}"),
+    };
+    let ends: Vec<String> = (0..PARTITIONS)
+        .map(
+            |p| match consumer.fetch_watermarks(&topic, p, Duration::from_secs(10)) {
+                Ok((low, high)) => format!("{p}: {low}..{high}"),
+                Err(e) => format!("{p}: {e}"),
+            },
+        )
+        .collect();
+    format!("{topic} offsets {ends:?}; {produced} records went in")
+}
+
 /// The engines' last log lines, for a failure message.
 fn logs(engines: &BTreeMap<&str, Daemon>) -> String {
     engines
@@ -250,7 +288,7 @@ async fn totals_are_exact_and_delivered_once_across_engine_and_gateway_kills() {
         delivery_timeout: Duration::from_secs(30),
     };
     let clicks: Vec<String> = tenants.iter().map(topics::clicks).collect();
-    ensure_topics(&kafka, &clicks, 3, 1).unwrap();
+    ensure_topics(&kafka, &clicks, PARTITIONS, 1).unwrap();
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .create()
@@ -409,7 +447,8 @@ async fn totals_are_exact_and_delivered_once_across_engine_and_gateway_kills() {
         assert_eq!(
             (t.late, t.dead_lettered),
             (0, MALFORMED),
-            "{tenant}: late events and dead letters; {}",
+            "{tenant}: late events and dead letters; {}; {}",
+            input_count(&bootstrap, tenant, &users, i, tenants.len()),
             tenant_logs(&engines, tenant)
         );
         assert_eq!(

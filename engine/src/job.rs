@@ -162,6 +162,10 @@ pub struct JobReport {
     /// Records read again after a resume and skipped, being older than the checkpoint (a
     /// broker that serves fetches from batch starts only).
     pub skipped: u64,
+    /// Records the consumer handed out again at an offset this job had processed already,
+    /// skipped: a partition's offsets only grow, so each counts once whatever the consumer
+    /// does (the chaos test once saw 294 views counted twice after a resume).
+    pub redelivered: u64,
 }
 
 /// Runs a tenant job until `shutdown` is cancelled.
@@ -310,6 +314,7 @@ pub async fn run_job(
                     epoch = config.epoch,
                     records = report.records,
                     skipped = report.skipped,
+                    redelivered = report.redelivered,
                     late = report.late,
                     results = report.results,
                     watermark_ms = pipeline.watermark(),
@@ -384,6 +389,15 @@ pub async fn run_job(
                         .is_some_and(|&next| message.offset() < next)
                     {
                         report.skipped += 1;
+                        continue;
+                    }
+                    if let Some(&next) = checkpoints.positions.get(&message.partition())
+                        && message.offset() < next
+                    {
+                        if report.redelivered == 0 {
+                            tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, "record handed out again at an offset already processed; skipped (counted once)");
+                        }
+                        report.redelivered += 1;
                         continue;
                     }
                     report.records += 1;
@@ -493,7 +507,7 @@ pub async fn run_job(
     report.output_failures = tokio::task::spawn_blocking(move || output.flush(OUTPUT_FLUSH))
         .await
         .unwrap_or(0);
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
+    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, redelivered = report.redelivered, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
     Ok(report)
 }
 

@@ -76,6 +76,11 @@ pub struct EngineArgs {
     /// one starts afresh from the newest window (`--from earliest` always resumes).
     #[arg(long, env = "CLICKPULSE_RESUME_MAX_AGE", default_value_t = 600.0)]
     resume_max_age: f64,
+    /// librdkafka debug contexts for the jobs' consumers (e.g. `fetch,topic,consumer`), for
+    /// diagnosing the Kafka client; its lines are logged at debug under the `librdkafka`
+    /// target, so add `librdkafka=debug` to `--log`.
+    #[arg(long, env = "CLICKPULSE_KAFKA_DEBUG")]
+    kafka_debug: Option<String>,
 }
 
 fn millis(flag: &str, s: f64) -> anyhow::Result<i64> {
@@ -122,6 +127,7 @@ pub async fn engine(args: EngineArgs, shutdown: CancellationToken) -> anyhow::Re
         Some(seconds("checkpoint-interval", args.checkpoint_interval)?)
     };
     config.resume_max_age = seconds("resume-max-age", args.resume_max_age)?;
+    config.kafka_debug = args.kafka_debug.filter(|contexts| !contexts.is_empty());
     config.operators = operators;
     let engine = clickpulse_engine::control::start(config, shutdown).await?;
     eprintln!("engine {} running; jobs start when clients watch", args.id);

@@ -84,6 +84,9 @@ pub struct EngineConfig {
     pub checkpoint_interval: Option<Duration>,
     /// A job reading one window back resumes a checkpoint only up to this old.
     pub resume_max_age: Duration,
+    /// librdkafka debug contexts for the jobs' consumers (e.g. `fetch,topic`), logged under
+    /// the `librdkafka` target; `None`: off.
+    pub kafka_debug: Option<String>,
 }
 
 impl EngineConfig {
@@ -103,6 +106,7 @@ impl EngineConfig {
             claim_grace: Duration::from_secs(1),
             checkpoint_interval: Some(Duration::from_secs(5)),
             resume_max_age: Duration::from_secs(600),
+            kafka_debug: None,
         }
     }
 }
@@ -783,6 +787,7 @@ impl Coordinator {
             history_path: self.config.data_dir.join(format!("{tenant}.history.redb")),
             checkpoint_interval: self.config.checkpoint_interval,
             resume_max_age: self.config.resume_max_age,
+            kafka_debug: self.config.kafka_debug.clone(),
             stop: stop.clone(),
             live: Some(first_tx.clone()),
         };

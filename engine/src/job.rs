@@ -2,7 +2,10 @@
 //!
 //! ```text
 //!  clicks.<tenant> (all partitions, assigned, no group rebalancing)
-//!      │ StreamConsumer::recv
+//!      │ a queue per partition, read in turn (`Input`)
+//!      ▼
+//!  Positions::take: each offset once (what is read again is skipped and counted)
+//!      │
 //!      ▼
 //!  ClickRef::decode ──bad──▶ dead.<tenant> (the record unchanged, reason, source offset)
 //!      │
@@ -13,7 +16,8 @@
 //!      ▲
 //!  idle check: a partition that reached the end of its log (partition EOF) and stayed silent
 //!  for `idle_timeout`, with nothing queued, stops holding the watermark back — never one that
-//!  is merely slow to fetch, or its first records would arrive late
+//!  is merely slow to fetch, or its first records would arrive late (one that never delivered
+//!  nor ended only once all the others are quiet)
 //!
 //!  start:      state.<tenant> ──▶ newest complete checkpoint? ──yes──▶ resume at its offsets
 //!                                        │ no (or not resumable)        (skip what it has)
@@ -29,6 +33,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use clickpulse_protocol::dead::SourcePosition;
@@ -36,9 +41,10 @@ use clickpulse_protocol::results::ResultMsg;
 use clickpulse_protocol::state::{Key, MANIFEST_VERSION, Manifest, PartitionOffset, Stopped};
 use clickpulse_protocol::zk::now_ms;
 use clickpulse_protocol::{ClickRef, Tenant, topics};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -47,8 +53,10 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint::{self, CheckpointError, Scan};
 use crate::config::OperatorConfig;
 use crate::history::{Changelog, HistoryStore, RedbStore};
+use crate::idleness::Idleness;
 use crate::output::{Output, OutputError};
 use crate::pipeline::{Admission, EngineError, Pipeline, PipelineState};
+use crate::positions::{Positions, Take};
 
 /// Where a starting job begins reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +90,8 @@ pub struct JobConfig {
     /// A job reading one window back resumes a checkpoint only up to this old (older, it starts
     /// afresh from the newest window instead of catching up).
     pub resume_max_age: Duration,
+    /// librdkafka debug contexts for the job's consumer (e.g. `fetch,topic`); `None`: off.
+    pub kafka_debug: Option<String>,
     /// Why the job is being stopped, told before `shutdown` is cancelled: a job stopped after
     /// the linger or handed off writes a last checkpoint saying so; one stopped without a word
     /// (fenced: it may no longer own the tenant) writes nothing more.
@@ -104,6 +114,7 @@ impl JobConfig {
             history_path,
             checkpoint_interval: Some(Duration::from_secs(5)),
             resume_max_age: Duration::from_secs(600),
+            kafka_debug: None,
             stop: StopNote::default(),
             live: None,
         }
@@ -159,23 +170,26 @@ pub struct JobReport {
     pub checkpoints: u64,
     /// The checkpoint it resumed, `(epoch, n)`, if any.
     pub resumed: Option<(u64, u64)>,
-    /// Records read again after a resume and skipped, being older than the checkpoint (a
-    /// broker that serves fetches from batch starts only).
+    /// Records read before a partition's first offset to process and skipped: after a resume,
+    /// the stored batch's records before the checkpoint's offset (a broker that serves fetches
+    /// from batch starts only). See [`crate::positions`].
     pub skipped: u64,
     /// Records the consumer handed out again at an offset this job had processed already,
     /// skipped: a partition's offsets only grow, so each counts once whatever the consumer
     /// does (the chaos test once saw 294 views counted twice after a resume).
     pub redelivered: u64,
+    /// Offsets the consumer jumped over (never handed out) within the records it processed.
+    pub jumped: u64,
 }
 
-/// Runs a tenant job until `shutdown` is cancelled.
-pub async fn run_job(
-    config: JobConfig,
-    results: mpsc::Sender<ResultMsg>,
-    shutdown: CancellationToken,
-) -> Result<JobReport, JobError> {
-    let topic = topics::clicks(&config.tenant);
-    let consumer: StreamConsumer<JobContext> = ClientConfig::new()
+/// The job's consumer of `clicks.<tenant>`, configured for brokers that serve fetches by
+/// stored batch (tansu) as well as for Kafka.
+fn input_consumer(config: &JobConfig) -> KafkaResult<StreamConsumer<JobContext>> {
+    let mut client = ClientConfig::new();
+    if let Some(contexts) = &config.kafka_debug {
+        client.set("debug", contexts);
+    }
+    client
         .set("bootstrap.servers", &config.brokers)
         // Partitions are assigned explicitly; the group id only names the client.
         .set("group.id", format!("clickpulse-job.{}", config.tenant))
@@ -202,17 +216,33 @@ pub async fn run_job(
         // broker but briefly behind its queue, sat idle most of each second (a consumer at a
         // 10 ms fetch wait read 0.21 M records/s instead of 1.30 M).
         .set("fetch.queue.backoff.ms", "10")
-        .create_with_context(JobContext)?;
+        // Per partition (each has its queue, see `split_partitions`): a partition stops being
+        // fetched while this many of its records wait. With the 100,000 default, three
+        // partitions could hold 3 × (100,000 + a fetch) records, about 40 MB each 100,000.
+        .set("queued.min.messages", "30000")
+        .create_with_context(JobContext)
+}
+
+/// Runs a tenant job until `shutdown` is cancelled.
+pub async fn run_job(
+    config: JobConfig,
+    results: mpsc::Sender<ResultMsg>,
+    shutdown: CancellationToken,
+) -> Result<JobReport, JobError> {
+    let topic = topics::clicks(&config.tenant);
+    let consumer = input_consumer(&config)?;
     let seek_started = std::time::Instant::now();
     // Both block (metadata, offset look-ups, topic creation): off the async workers, and side
     // by side, as neither needs the other. The start reads the checkpoints first: a job that
     // resumes one needs no seek.
+    let consumer = Arc::new(consumer);
     let seek = {
-        let config = config.clone();
+        let (config, consumer) = (config.clone(), consumer.clone());
         let name = topic.clone();
         tokio::task::spawn_blocking(move || {
-            let started = start(&consumer, &config, &name);
-            (consumer, started)
+            let started = start(&consumer, &config, &name)?;
+            let queues = split_partitions(&consumer, &name, started.partitions)?;
+            Ok::<_, JobError>((started, queues))
         })
     };
     let output = {
@@ -220,19 +250,19 @@ pub async fn run_job(
         tokio::task::spawn_blocking(move || Output::connect(&brokers, &tenant))
     };
     let (seek, output) = tokio::join!(seek, output);
-    let (consumer, started) = seek.map_err(|e| JobError::StartUp(e.to_string()))?;
+    let (started, queues) = seek.map_err(|e| JobError::StartUp(e.to_string()))??;
     let Started {
         partitions,
         from_ms,
         offsets,
-        skip_below,
         store,
         resumed,
         obsolete,
         history_logs,
         logged,
-    } = started?;
+    } = started;
     let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
+    let mut input = Input::new(&consumer, &queues);
     let mut report = JobReport::default();
     let mut previous = None;
     let mut pipeline = match resumed {
@@ -258,7 +288,7 @@ pub async fn run_job(
     let mut checkpoints = Checkpoints {
         epoch: config.epoch,
         n: 0,
-        positions: offsets.into_iter().collect(),
+        positions: Positions::new(offsets),
         written: Some(Written {
             previous,
             obsolete,
@@ -285,11 +315,7 @@ pub async fn run_job(
         tick
     });
 
-    let mut last_seen = vec![Instant::now(); partitions];
-    let mut idle = vec![false; partitions];
-    let mut at_end = vec![false; partitions];
-    let started = Instant::now();
-    let mut seen_any = vec![false; partitions];
+    let mut idleness = Idleness::new(partitions, config.idle_timeout, std::time::Instant::now());
     let mut progress_report = Instant::now();
     let mut idle_check = tokio::time::interval(config.idle_timeout / 2);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,7 +326,7 @@ pub async fn run_job(
             tokio::task::coop::consume_budget().await;
             let turn = tokio::select! {
                 _ = shutdown.cancelled() => Turn::Stop,
-                message = consumer.recv() => Turn::Message(message),
+                message = input.recv() => Turn::Message(message),
                 _ = tick_of(&mut checkpoint_tick) => Turn::Checkpoint,
                 _ = idle_check.tick() => Turn::IdleCheck,
             };
@@ -315,17 +341,18 @@ pub async fn run_job(
                     records = report.records,
                     skipped = report.skipped,
                     redelivered = report.redelivered,
+                    jumped = report.jumped,
                     late = report.late,
                     results = report.results,
                     watermark_ms = pipeline.watermark(),
                     buffered = pipeline.buffered(),
                     partitions = ?pipeline.partitions(),
-                    positions = ?checkpoints.positions,
+                    positions = ?checkpoints.positions.offsets(),
                     "job progress"
                 );
             }
             let turn = match turn {
-                Turn::IdleCheck => consumer
+                Turn::IdleCheck => input
                     .recv()
                     .now_or_never()
                     .map_or(Turn::IdleCheck, Turn::Message),
@@ -340,8 +367,8 @@ pub async fn run_job(
                             let Some(p) = usize::try_from(p).ok().filter(|&p| p < partitions) else {
                                 continue;
                             };
-                            at_end[p] = true;
-                            if at_end.iter().all(|&e| e)
+                            let at_once = idleness.on_end(p);
+                            if idleness.all_at_end()
                                 && let Some(live) = &config.live
                             {
                                 live.send_if_modified(|l| !std::mem::replace(l, true));
@@ -349,8 +376,7 @@ pub async fn run_job(
                             // A partition with nothing at all since the start position holds
                             // nothing back: idle at once, so a starting job's first results do
                             // not wait for the idle timeout.
-                            if !seen_any[p] && !idle[p] {
-                                idle[p] = true;
+                            if at_once {
                                 pipeline.on_idle(p)?;
                                 tracing::debug!(tenant = %config.tenant, partition = p, watermark_ms = pipeline.watermark(), "partition idle: at its end with nothing since the start");
                                 emit(&mut pipeline, &output, &results, &mut report).await?;
@@ -360,50 +386,40 @@ pub async fn run_job(
                         Err(e) => return Err(e.into()),
                     };
                     let partition = usize::try_from(message.partition()).unwrap_or(0);
-                    if idle.get(partition) == Some(&true) {
-                        // Data again after a lull: a burst is starting, and the other partitions'
-                        // share of it may be a batch behind. Every partition holds the watermark
-                        // back again until it is silent at its end for the idle timeout anew, or
-                        // this partition's records would push the watermark past theirs.
-                        let now = Instant::now();
-                        for (q, quiet) in idle.iter_mut().enumerate() {
-                            if *quiet {
-                                *quiet = false;
-                                last_seen[q] = now;
-                            }
-                        }
+                    // Data again after a lull: a burst is starting, and the other partitions'
+                    // share of it may be a batch behind. Every partition holds the watermark back
+                    // again until it is silent at its end for the idle timeout anew, or this
+                    // partition's records would push the watermark past theirs.
+                    if idleness.on_record(partition, std::time::Instant::now()) {
                         pipeline.forget_idleness();
                         tracing::debug!(tenant = %config.tenant, partition, offset = message.offset(), watermark_ms = pipeline.watermark(), "partition delivers again: every partition holds the watermark anew");
                     }
-                    if let Some(seen) = last_seen.get_mut(partition) {
-                        *seen = Instant::now();
-                        seen_any[partition] = true;
-                        at_end[partition] = false;
-                        idle[partition] = false;
-                    }
-                    // Read again after a resume, before the checkpoint: the state has it already.
-                    // (It still counts as the partition delivering: one busy skipping is not idle,
-                    // or the watermark would pass it and its records after the checkpoint be late.)
-                    if skip_below
-                        .get(&message.partition())
-                        .is_some_and(|&next| message.offset() < next)
-                    {
-                        report.skipped += 1;
-                        continue;
-                    }
-                    if let Some(&next) = checkpoints.positions.get(&message.partition())
-                        && message.offset() < next
-                    {
-                        if report.redelivered == 0 {
-                            tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, "record handed out again at an offset already processed; skipped (counted once)");
+                    // A record skipped still counts as the partition delivering: one busy
+                    // skipping is not idle, or the watermark would pass it and its records after
+                    // the checkpoint be late.
+                    let next = checkpoints.positions.next(message.partition());
+                    match checkpoints.positions.take(message.partition(), message.offset()) {
+                        Take::Process => {}
+                        // Read again after a resume, before the checkpoint: the state has it.
+                        Take::Before => {
+                            report.skipped += 1;
+                            continue;
                         }
-                        report.redelivered += 1;
-                        continue;
+                        Take::Again => {
+                            if report.redelivered == 0 {
+                                tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, "record handed out again at an offset already processed; skipped (counted once)");
+                            }
+                            report.redelivered += 1;
+                            continue;
+                        }
+                        Take::Jumped { missing } => {
+                            if report.jumped == 0 {
+                                tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, missing, "offsets jumped over: the consumer never handed these out");
+                            }
+                            report.jumped += u64::try_from(missing).unwrap_or(0);
+                        }
                     }
                     report.records += 1;
-                    checkpoints
-                        .positions
-                        .insert(message.partition(), message.offset() + 1);
                     let rejected = match message.payload().map(ClickRef::decode) {
                         Some(Ok(click)) if click.tenant == config.tenant.as_str() => {
                             match pipeline.on_click(
@@ -462,19 +478,15 @@ pub async fn run_job(
                     }
                 }
                 Turn::IdleCheck => {
-                    // Idle: at its end and nothing delivered for the idle timeout. A partition that
-                    // has delivered nothing at all and reported no end either (a batch-serving
-                    // broker such as tansu reports no end for a position inside its last batch)
-                    // must not hold the watermark back forever: idle after a start-up grace, long
-                    // enough for every partition's first fetch.
-                    let grace = (config.idle_timeout * 4).max(Duration::from_secs(2));
-                    for (p, seen) in last_seen.iter().enumerate() {
-                        let silent = at_end[p] || (!seen_any[p] && started.elapsed() >= grace);
-                        if silent && !idle[p] && seen.elapsed() >= config.idle_timeout {
-                            idle[p] = true;
-                            pipeline.on_idle(p)?;
-                            tracing::debug!(tenant = %config.tenant, partition = p, at_end = at_end[p], watermark_ms = pipeline.watermark(), "partition idle: silent for the idle timeout");
-                        }
+                    // The rules are in `idleness`: at its end and silent for the idle timeout; a
+                    // partition that never delivered nor ended only once the others are quiet.
+                    let check = idleness.check(std::time::Instant::now());
+                    for p in check.waiting {
+                        tracing::warn!(tenant = %config.tenant, partition = p, secs = idleness.grace().as_secs() * 5, next = ?checkpoints.positions.next(i32::try_from(p).unwrap_or(i32::MAX)), "partition has delivered nothing since the start and reported no end while the others deliver; the watermark waits for it");
+                    }
+                    for p in check.idle {
+                        pipeline.on_idle(p)?;
+                        tracing::debug!(tenant = %config.tenant, partition = p, at_end = idleness.at_end(p), watermark_ms = pipeline.watermark(), "partition idle: silent for the idle timeout");
                     }
                 }
             }
@@ -507,11 +519,81 @@ pub async fn run_job(
     report.output_failures = tokio::task::spawn_blocking(move || output.flush(OUTPUT_FLUSH))
         .await
         .unwrap_or(0);
-    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, redelivered = report.redelivered, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
+    tracing::info!(tenant = %config.tenant, epoch = config.epoch, records = report.records, redelivered = report.redelivered, jumped = report.jumped, results = report.results, checkpoints = report.checkpoints, stopped = ?config.stop.get(), "job stopped");
     Ok(report)
 }
 
 /// What the job loop does next.
+/// Each partition's records in a queue of its own ([`split_partitions`]), so that librdkafka
+/// stops fetching a partition whose queue is full while it goes on fetching the others. With
+/// one queue for all, every partition stopped together once it held `queued.min.messages`
+/// and all started again in the same order; a broker that fills each fetch from the first
+/// partition asked (tansu) then served the first partition alone until it reached its end. The
+/// chaos test saw a partition fetched not at all for 70 s (its records counted late once the
+/// others moved the watermark on).
+type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<JobContext>;
+
+/// Splits each partition of the job's input into its own queue. Right after the assignment:
+/// what librdkafka fetched before goes to the consumer's own queue, which [`Input`] reads
+/// first.
+fn split_partitions(
+    consumer: &Arc<StreamConsumer<JobContext>>,
+    topic: &str,
+    partitions: usize,
+) -> Result<Vec<PartitionQueue>, JobError> {
+    (0..partitions)
+        .map(|p| {
+            let partition = i32::try_from(p).unwrap_or(i32::MAX);
+            consumer
+                .split_partition_queue(topic, partition)
+                .ok_or_else(|| {
+                    JobError::StartUp(format!(
+                        "no queue of its own for {topic} partition {partition}"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// The job's input: the consumer's own queue (events, and what was fetched before the split),
+/// then the partitions' queues in turn, starting after the one that gave the last record.
+struct Input<'a> {
+    main: rdkafka::consumer::MessageStream<'a, JobContext>,
+    partitions: Vec<rdkafka::consumer::MessageStream<'a, JobContext>>,
+    next: usize,
+}
+
+impl<'a> Input<'a> {
+    fn new(consumer: &'a StreamConsumer<JobContext>, queues: &'a [PartitionQueue]) -> Self {
+        Input {
+            main: consumer.stream(),
+            partitions: queues.iter().map(PartitionQueue::stream).collect(),
+            next: 0,
+        }
+    }
+
+    /// The next record or event. Cancellation safe: a message is taken only when returned.
+    async fn recv(&mut self) -> Result<rdkafka::message::BorrowedMessage<'a>, KafkaError> {
+        std::future::poll_fn(|cx| {
+            // The consumer's own queue first: a partition's records there were fetched before
+            // its queue was split off, so they come before any in that queue.
+            if let Poll::Ready(Some(message)) = self.main.poll_next_unpin(cx) {
+                return Poll::Ready(message);
+            }
+            let n = self.partitions.len();
+            for i in 0..n {
+                let at = (self.next + i) % n;
+                if let Poll::Ready(Some(message)) = self.partitions[at].poll_next_unpin(cx) {
+                    self.next = (at + 1) % n;
+                    return Poll::Ready(message);
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 enum Turn<'a> {
     Stop,
     Message(Result<rdkafka::message::BorrowedMessage<'a>, KafkaError>),
@@ -545,7 +627,7 @@ struct Checkpoints {
     /// Checkpoints this job took.
     n: u64,
     /// Per partition, the first offset not yet processed.
-    positions: HashMap<i32, i64>,
+    positions: Positions,
     /// What the last written checkpoint left; `None` while one is being written.
     written: Option<Written>,
     /// The checkpoint being written, giving back what it leaves.
@@ -616,12 +698,12 @@ impl Checkpoints {
         } else {
             changes
         };
-        let mut offsets: Vec<PartitionOffset> = self
+        let offsets: Vec<PartitionOffset> = self
             .positions
-            .iter()
-            .map(|(&partition, &next)| PartitionOffset { partition, next })
+            .offsets()
+            .into_iter()
+            .map(|(partition, next)| PartitionOffset { partition, next })
             .collect();
-        offsets.sort_by_key(|o| o.partition);
         self.n += 1;
         let manifest = Manifest {
             version: MANIFEST_VERSION,
@@ -755,8 +837,6 @@ struct Started {
     from_ms: Option<i64>,
     /// Where each partition is read from.
     offsets: Vec<(i32, i64)>,
-    /// Records below these offsets are skipped (re-read after a resume).
-    skip_below: HashMap<i32, i64>,
     store: Changelog<RedbStore>,
     /// The checkpoint resumed and its operator state.
     resumed: Option<(Manifest, PipelineState)>,
@@ -844,12 +924,10 @@ fn start(
             offsets,
             ..
         } = assign_resumed(consumer, &config.brokers, topic, &found.manifest.offsets)?;
-        let skip_below = offsets.iter().copied().collect();
         return Ok(Started {
             partitions,
             from_ms: None,
             offsets,
-            skip_below,
             store,
             resumed: Some((found.manifest, state)),
             obsolete,
@@ -872,7 +950,6 @@ fn start(
         partitions,
         from_ms,
         offsets,
-        skip_below: HashMap::new(),
         store,
         resumed: None,
         obsolete,
@@ -1157,6 +1234,24 @@ impl ClientContext for JobContext {
         );
         if !eof {
             tracing::error!(%error, reason, "kafka client error");
+        }
+    }
+
+    /// librdkafka's own log lines, under the `librdkafka` target (its debug contexts, when
+    /// turned on, at debug).
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility, "{message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
         }
     }
 }
@@ -2024,6 +2119,89 @@ mod tests {
             let (start, lookups) = run(100_000, 4_096, time);
             assert_eq!(start, time / 10 / 4_096 * 4_096, "time {time}");
             assert!(lookups <= 10, "time {time}: {lookups} look-ups");
+        }
+    }
+
+    /// A backlog in three partitions, in stored batches of about 1 MiB: every partition's
+    /// records come early, though the broker (tansu) fills each fetch from the first partition
+    /// asked. With one queue for all partitions, librdkafka stopped fetching every partition
+    /// at once when that queue was full and started them again in the same order, so the
+    /// first partition was read to its end before the third was fetched at all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_partition_is_read_early_while_all_have_a_backlog() {
+        const PER_PARTITION: i32 = 150_000;
+        let broker = clickpulse_tests::Broker::start().unwrap();
+        let tenant = Tenant::new(clickpulse_tests::unique_name("fair")).unwrap();
+        let topic = topics::clicks(&tenant);
+        let kafka = clickpulse_replay::KafkaConfig {
+            brokers: broker.bootstrap().to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            delivery_timeout: Duration::from_secs(30),
+        };
+        clickpulse_replay::kafka::ensure_topics_with(
+            &kafka,
+            std::slice::from_ref(&topic),
+            3,
+            1,
+            &[],
+        )
+        .unwrap();
+        let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("batch.size", "1048576")
+            .set("linger.ms", "200")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .unwrap();
+        let value = [7u8; 40];
+        for i in 0..PER_PARTITION {
+            for p in 0..3 {
+                let key = i.to_be_bytes();
+                let record = rdkafka::producer::BaseRecord::to(&topic)
+                    .partition(p)
+                    .key(&key)
+                    .payload(&value);
+                producer.send(record).map_err(|(e, _)| e).unwrap();
+            }
+            if i % 10_000 == 0 {
+                producer.poll(Duration::ZERO);
+            }
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).unwrap();
+        drop(producer);
+
+        let config = JobConfig::new(tenant.clone(), 1, broker.bootstrap(), "unused".into());
+        let consumer = Arc::new(input_consumer(&config).unwrap());
+        let mut list = TopicPartitionList::new();
+        for p in 0..3 {
+            list.add_partition_offset(&topic, p, Offset::Offset(0))
+                .unwrap();
+        }
+        consumer.assign(&list).unwrap();
+        let queues = split_partitions(&consumer, &topic, 3).unwrap();
+        // Fetches go on while nothing is read: every queue fills to its bound.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut input = Input::new(&consumer, &queues);
+        let mut first_of = [None::<usize>; 3];
+        let mut read = 0;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while first_of.iter().any(Option::is_none) && read < 3 * PER_PARTITION as usize {
+            let message = tokio::time::timeout_at(deadline, input.recv())
+                .await
+                .expect("records within 60 s");
+            let Ok(message) = message else { continue };
+            let p = usize::try_from(message.partition()).unwrap();
+            first_of[p].get_or_insert(read);
+            read += 1;
+        }
+        // Each partition within a queue's bound of records, where one queue for all gave the
+        // third partition's first record after 300,000 (3 runs in 5), or after 80,000.
+        for (p, first) in first_of.iter().enumerate() {
+            let first = first.unwrap_or_else(|| panic!("partition {p} never read"));
+            assert!(
+                first < 30_000,
+                "partition {p}'s first record was the {first}th read ({first_of:?})"
+            );
         }
     }
 }

@@ -190,7 +190,7 @@ impl Cluster {
             "--from",
             from,
             "--log",
-            "info,zookeeper_client=warn,clickpulse_engine::links=debug,clickpulse_engine::job=debug",
+            "info,zookeeper_client=warn,clickpulse_engine::links=debug,clickpulse_engine::job=debug,librdkafka=debug",
         ]);
         command.arg("--data-dir").arg(self.dir.path().join("state"));
         if !extra.contains(&"--idle-timeout") {

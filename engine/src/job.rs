@@ -397,7 +397,6 @@ pub async fn run_job(
                     // A record skipped still counts as the partition delivering: one busy
                     // skipping is not idle, or the watermark would pass it and its records after
                     // the checkpoint be late.
-                    let next = checkpoints.positions.next(message.partition());
                     match checkpoints.positions.take(message.partition(), message.offset()) {
                         Take::Process => {}
                         // Read again after a resume, before the checkpoint: the state has it.
@@ -405,7 +404,7 @@ pub async fn run_job(
                             report.skipped += 1;
                             continue;
                         }
-                        Take::Again => {
+                        Take::Again { next } => {
                             if report.redelivered == 0 {
                                 tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, "record handed out again at an offset already processed; skipped (counted once)");
                             }
@@ -414,7 +413,7 @@ pub async fn run_job(
                         }
                         Take::Jumped { missing } => {
                             if report.jumped == 0 {
-                                tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next, missing, "offsets jumped over: the consumer never handed these out");
+                                tracing::warn!(tenant = %config.tenant, partition, offset = message.offset(), next = message.offset() - missing, missing, "offsets jumped over: the consumer never handed these out");
                             }
                             report.jumped += u64::try_from(missing).unwrap_or(0);
                         }

@@ -17,8 +17,8 @@
 //! assert_eq!(at.take(0, 100), Take::Process);
 //! assert_eq!(at.take(0, 101), Take::Process);
 //! // Handed out again: counted already.
-//! assert_eq!(at.take(0, 95), Take::Again);
-//! assert_eq!(at.take(0, 101), Take::Again);
+//! assert_eq!(at.take(0, 95), Take::Again { next: 102 });
+//! assert_eq!(at.take(0, 101), Take::Again { next: 102 });
 //! // Jumped over 102..105: processed, and the jump is told.
 //! assert_eq!(at.take(0, 105), Take::Jumped { missing: 3 });
 //! assert_eq!(at.next(0), Some(106));
@@ -34,9 +34,9 @@ pub enum Take {
     /// Before the partition's first offset to process, read only because reading started
     /// earlier (the batch holding a checkpoint's offset starts before it): skip it.
     Before,
-    /// Below the partition's position after records were processed there: handed out again,
-    /// and already counted. Skip it.
-    Again,
+    /// Below the partition's position `next` after records were processed there: handed out
+    /// again, and already counted. Skip it.
+    Again { next: i64 },
     /// Past the partition's position: `missing` offsets were never handed out. Process it
     /// (the offsets jumped over may be a compacted or transactional topic's gaps, or records
     /// the consumer skipped; either way they are not this record's to count).
@@ -77,7 +77,7 @@ impl Positions {
             return if at.next == at.first {
                 Take::Before
             } else {
-                Take::Again
+                Take::Again { next: at.next }
             };
         }
         let missing = offset - at.next;
@@ -123,7 +123,7 @@ mod tests {
         }
         assert_eq!(at.take(2, 1_000), Take::Process);
         // Once processing began, an offset before the first is a record handed out again.
-        assert_eq!(at.take(2, 995), Take::Again);
+        assert_eq!(at.take(2, 995), Take::Again { next: 1_001 });
         assert_eq!(at.next(2), Some(1_001));
     }
 
@@ -135,7 +135,11 @@ mod tests {
         }
         // The consumer goes back 265 records, then on past where it was.
         for offset in 242_515..242_780 {
-            assert_eq!(at.take(0, offset), Take::Again, "offset {offset}");
+            assert_eq!(
+                at.take(0, offset),
+                Take::Again { next: 242_780 },
+                "offset {offset}"
+            );
         }
         assert_eq!(at.next(0), Some(242_780));
         assert_eq!(at.take(0, 242_780), Take::Process);
@@ -167,7 +171,7 @@ mod tests {
         assert_eq!(at.next(0), Some(15));
         // The missing offsets, handed out late, are below the position: not counted twice,
         // nor at all (that is what the jump's warning is for).
-        assert_eq!(at.take(0, 12), Take::Again);
+        assert_eq!(at.take(0, 12), Take::Again { next: 15 });
     }
 
     #[test]
@@ -175,7 +179,7 @@ mod tests {
         let mut at = Positions::default();
         assert_eq!(at.take(3, 40), Take::Process);
         assert_eq!(at.take(3, 41), Take::Process);
-        assert_eq!(at.take(3, 40), Take::Again);
+        assert_eq!(at.take(3, 40), Take::Again { next: 42 });
         assert_eq!(at.offsets(), vec![(3, 42)]);
     }
 }

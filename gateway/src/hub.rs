@@ -300,6 +300,7 @@ impl Mailbox {
     }
 }
 
+/// A client of the hub: joined while it is connected, subscribed to none or more streams.
 #[derive(Debug)]
 struct Subscriber {
     streams: Vec<Stream>,
@@ -319,9 +320,16 @@ struct TenantState {
     /// The newest epoch heard from and the last `(run, seq)` accepted.
     order: Order,
     latest: FxHashMap<Stream, (Position, Arc<str>)>,
-    /// By client id (the gateway's own numbers: no hash flooding to fear, here or in the
-    /// per-stream maps).
+    /// Every connected client of the tenant, by id (the gateway's own numbers: no hash
+    /// flooding to fear, here or in the per-stream maps).
     subscribers: FxHashMap<u64, Subscriber>,
+}
+
+#[derive(Debug, Default)]
+struct Tenants {
+    by_name: HashMap<Tenant, TenantState>,
+    /// Set by [`Hub::shut_down`]: a client joining later is shut down at once.
+    shutting_down: bool,
 }
 
 /// Counters of the hub, for metrics.
@@ -334,10 +342,11 @@ pub struct HubStats {
     pub stale_epochs: AtomicU64,
 }
 
-/// All tenants' results and subscribers of one gateway.
+/// All tenants' results and connected clients of one gateway: the one registry of clients
+/// (fan-out reaches them through it, and so does shutdown).
 #[derive(Debug, Default)]
 pub struct Hub {
-    tenants: Mutex<HashMap<Tenant, TenantState>>,
+    tenants: Mutex<Tenants>,
     pub stats: HubStats,
 }
 
@@ -350,7 +359,7 @@ impl Hub {
     /// offers it to the subscribers of its stream.
     pub fn publish(&self, frame: &ResultFrame) -> Published {
         let mut tenants = lock(&self.tenants);
-        let t = tenants.entry(frame.tenant.clone()).or_default();
+        let t = tenants.by_name.entry(frame.tenant.clone()).or_default();
         match t.order.admit(frame.epoch, frame.run, frame.seq) {
             Admit::Deliver => {}
             Admit::StaleEpoch => {
@@ -384,23 +393,41 @@ impl Hub {
         Published::Delivered(delivered)
     }
 
-    /// Adds streams to a client's subscription and queues the latest result of each at once;
-    /// `after` (a resuming client's last result) holds back everything up to it.
+    /// Adds a connected client, subscribed to nothing yet; once [`Hub::shut_down`] has run,
+    /// its mailbox is shut down at once (under the same lock as the sweep: none is missed).
+    pub fn join(&self, tenant: &Tenant, client: u64, mailbox: &Arc<Mailbox>) {
+        let mut tenants = lock(&self.tenants);
+        if tenants.shutting_down {
+            mailbox.shut_down();
+        }
+        let t = tenants.by_name.entry(tenant.clone()).or_default();
+        t.subscribers.insert(
+            client,
+            Subscriber {
+                streams: Vec::new(),
+                mailbox: mailbox.clone(),
+                after: None,
+            },
+        );
+    }
+
+    /// Adds streams to a joined client's subscription and queues the latest result of each
+    /// at once; `after` (a resuming client's last result) holds back everything up to it.
+    /// A client that has not joined (or has left) is ignored.
     pub fn subscribe(
         &self,
         tenant: &Tenant,
         client: u64,
         streams: &[Stream],
         after: Option<Position>,
-        mailbox: &Arc<Mailbox>,
     ) {
         let mut tenants = lock(&self.tenants);
-        let t = tenants.entry(tenant.clone()).or_default();
-        let sub = t.subscribers.entry(client).or_insert_with(|| Subscriber {
-            streams: Vec::new(),
-            mailbox: mailbox.clone(),
-            after: None,
-        });
+        let Some(t) = tenants.by_name.get_mut(tenant) else {
+            return;
+        };
+        let Some(sub) = t.subscribers.get_mut(&client) else {
+            return;
+        };
         if after.is_some() {
             sub.after = after.max(sub.after);
         }
@@ -411,7 +438,7 @@ impl Hub {
             if let Some((at, json)) = t.latest.get(&stream)
                 && !sub.has(*at)
             {
-                mailbox.offer(Outgoing::new(stream, json.clone(), true));
+                sub.mailbox.offer(Outgoing::new(stream, json.clone(), true));
             }
         }
     }
@@ -419,6 +446,7 @@ impl Hub {
     pub fn unsubscribe(&self, tenant: &Tenant, client: u64, streams: &[Stream]) {
         let mut tenants = lock(&self.tenants);
         if let Some(sub) = tenants
+            .by_name
             .get_mut(tenant)
             .and_then(|t| t.subscribers.get_mut(&client))
         {
@@ -432,16 +460,31 @@ impl Hub {
     /// Forgets a client that left.
     pub fn remove(&self, tenant: &Tenant, client: u64) {
         let mut tenants = lock(&self.tenants);
-        if let Some(t) = tenants.get_mut(tenant) {
+        if let Some(t) = tenants.by_name.get_mut(tenant) {
             t.subscribers.remove(&client);
         }
     }
 
-    /// Subscribed clients of a tenant.
+    /// Shuts down every client's mailbox, and those of clients joining from now on: each
+    /// client gets what is pending, then 1001 (the gateway is shutting down).
+    pub fn shut_down(&self) {
+        let mut tenants = lock(&self.tenants);
+        tenants.shutting_down = true;
+        for t in tenants.by_name.values() {
+            for sub in t.subscribers.values() {
+                sub.mailbox.shut_down();
+            }
+        }
+    }
+
+    /// Clients of a tenant subscribed to at least one stream.
     pub fn subscribers(&self, tenant: &Tenant) -> usize {
-        lock(&self.tenants)
-            .get(tenant)
-            .map_or(0, |t| t.subscribers.len())
+        lock(&self.tenants).by_name.get(tenant).map_or(0, |t| {
+            t.subscribers
+                .values()
+                .filter(|s| !s.streams.is_empty())
+                .count()
+        })
     }
 }
 
@@ -523,7 +566,8 @@ mod tests {
         hub.publish(&frame("acme", 1, 1, Stream::TopN, "old"));
         hub.publish(&frame("acme", 1, 2, Stream::TopN, "latest"));
         let mailbox = Mailbox::new();
-        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], None, &mailbox);
+        hub.join(&acme, 7, &mailbox);
+        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], None);
         let snap = mailbox.take().unwrap();
         assert_eq!(
             (snap.stream, &*snap.json, snap.snapshot),
@@ -542,6 +586,28 @@ mod tests {
     }
 
     #[test]
+    fn shutdown_reaches_every_client_and_those_joining_after_it() {
+        let hub = Hub::new();
+        let (acme, globex) = (Tenant::new("acme").unwrap(), Tenant::new("globex").unwrap());
+        let (watching, quiet, late) = (Mailbox::new(), Mailbox::new(), Mailbox::new());
+        hub.join(&acme, 1, &watching);
+        hub.subscribe(&acme, 1, &[Stream::TopN], None);
+        hub.join(&globex, 2, &quiet);
+        hub.publish(&frame("acme", 1, 1, Stream::TopN, "pending"));
+        assert_eq!(hub.subscribers(&acme), 1);
+        assert_eq!(hub.subscribers(&globex), 0, "joined, subscribed to nothing");
+        hub.shut_down();
+        hub.join(&acme, 3, &late);
+        for mailbox in [&watching, &quiet, &late] {
+            assert!(mailbox.going_away());
+        }
+        // What was pending still goes out before the close.
+        assert_eq!(watching.take().map(|m| m.json), Some(Arc::from("pending")));
+        hub.remove(&acme, 1);
+        assert_eq!(hub.subscribers(&acme), 0);
+    }
+
+    #[test]
     fn a_resuming_client_gets_nothing_it_already_has() {
         let hub = Hub::new();
         let acme = Tenant::new("acme").unwrap();
@@ -549,7 +615,8 @@ mod tests {
         hub.publish(&frame("acme", 1, 2, Stream::Totals, "unseen"));
         let mailbox = Mailbox::new();
         let after = Some(Position { run: 1, seq: 1 });
-        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Totals], after, &mailbox);
+        hub.join(&acme, 7, &mailbox);
+        hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Totals], after);
         let snap = mailbox.take().unwrap();
         assert_eq!(
             &*snap.json, "unseen",

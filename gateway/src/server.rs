@@ -16,7 +16,6 @@ use clickpulse_protocol::auth::Claims;
 use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::ws::{ClientMsg, CloseCode, ErrorCode, SUBPROTOCOL, ServerMsg};
 use clickpulse_protocol::zk::Right;
-use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
@@ -247,10 +246,6 @@ pub struct AppState {
     pub registry: Option<Registry>,
     next_client: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Every served client's mailbox: shutdown reaches the clients through them. (A shutdown
-    /// waiter in each client's loop was registered and dropped with every result sent, a lock
-    /// that all 10,000 clients of a fan-out took twice per update.)
-    mailboxes: Mutex<FxHashMap<u64, Arc<Mailbox>>>,
 }
 
 /// The gateway's ZooKeeper registrations.
@@ -295,33 +290,13 @@ impl AppState {
             metrics: Metrics::default(),
             next_client: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
-            mailboxes: Mutex::default(),
         })
     }
 
-    fn mailboxes(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Arc<Mailbox>>> {
-        self.mailboxes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Adds a client's mailbox to those shutdown closes; closed at once when shutdown has
-    /// begun (its sweep may have passed already).
-    fn enrol(&self, client: u64, mailbox: &Arc<Mailbox>) {
-        self.mailboxes().insert(client, mailbox.clone());
-        if self.shutdown.is_cancelled() {
-            mailbox.shut_down();
-        }
-    }
-
-    fn unenrol(&self, client: u64) {
-        self.mailboxes().remove(&client);
-    }
-
     /// Closes every client's mailbox: each client gets what was pending, then 1001. Called
-    /// once the shutdown token is cancelled (a client enrolling after this sees the token).
+    /// once the shutdown token is cancelled; a client joining after it is closed at once.
     pub fn going_away(&self) {
-        for mailbox in self.mailboxes().values() {
-            mailbox.shut_down();
-        }
+        self.hub.shut_down();
     }
 }
 
@@ -567,7 +542,7 @@ async fn serve_client(
         streams: Stream::ALL.to_vec(),
     };
     let mailbox = Mailbox::new();
-    state.enrol(client, &mailbox);
+    state.hub.join(tenant, client, &mailbox);
     // No per-client polling: an idle client costs a ping timer and an idle deadline, both
     // far apart (thousands of quiet clients must not wake the gateway up many times a second).
     let mut ping = tokio::time::interval(state.limits.ping_interval);
@@ -626,7 +601,7 @@ async fn serve_client(
                                         Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
                                     });
                                     mailbox.set_min_interval(interval);
-                                    state.hub.subscribe(tenant, client, &streams, after, &mailbox);
+                                    state.hub.subscribe(tenant, client, &streams, after);
                                     for s in streams {
                                         if !registration.streams.contains(&s) {
                                             registration.streams.push(s);
@@ -675,7 +650,6 @@ async fn serve_client(
         }
     };
     state.hub.remove(tenant, client);
-    state.unenrol(client);
     if let Some((registry, path)) = &registered
         && let Err(error) = registry.session.deregister(path).await
     {

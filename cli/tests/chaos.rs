@@ -282,11 +282,7 @@ async fn totals_are_exact_and_delivered_once_across_engine_and_gateway_kills() {
     let bootstrap = cluster.broker.bootstrap().to_owned();
 
     // Topics first (as the replayer makes them), then the malformed records at their heads.
-    let kafka = KafkaConfig {
-        brokers: bootstrap.clone(),
-        connect_timeout: Duration::from_secs(10),
-        delivery_timeout: Duration::from_secs(30),
-    };
+    let kafka = KafkaConfig::new(&bootstrap);
     let clicks: Vec<String> = tenants.iter().map(topics::clicks).collect();
     ensure_topics(&kafka, &clicks, PARTITIONS, 1).unwrap();
     let producer: BaseProducer = ClientConfig::new()

@@ -2159,19 +2159,9 @@ mod tests {
         let broker = clickpulse_tests::Broker::start().unwrap();
         let tenant = Tenant::new(clickpulse_tests::unique_name("fair")).unwrap();
         let topic = topics::clicks(&tenant);
-        let kafka = clickpulse_replay::KafkaConfig {
-            brokers: broker.bootstrap().to_owned(),
-            connect_timeout: Duration::from_secs(10),
-            delivery_timeout: Duration::from_secs(30),
-        };
-        clickpulse_replay::kafka::ensure_topics_with(
-            &kafka,
-            std::slice::from_ref(&topic),
-            3,
-            1,
-            &[],
-        )
-        .unwrap();
+        let kafka = clickpulse_replay::KafkaConfig::new(broker.bootstrap());
+        clickpulse_replay::kafka::ensure_topics(&kafka, std::slice::from_ref(&topic), 3, 1)
+            .unwrap();
         let producer: rdkafka::producer::BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", broker.bootstrap())
             .set("batch.size", "1048576")

@@ -72,11 +72,7 @@ fn read_back(broker: &Broker, topic: &str) -> Vec<Vec<u8>> {
 /// A tenant's `state.<tenant>` topic, created as a job creates it, and a producer for it.
 fn state_writer(broker: &Broker, tenant: &Tenant) -> (String, BaseProducer) {
     let topic = topics::state(tenant);
-    let kafka = clickpulse_replay::KafkaConfig {
-        brokers: broker.bootstrap().to_owned(),
-        connect_timeout: Duration::from_secs(10),
-        delivery_timeout: Duration::from_secs(10),
-    };
+    let kafka = clickpulse_replay::KafkaConfig::new(broker.bootstrap());
     clickpulse_replay::kafka::ensure_topics_with(
         &kafka,
         std::slice::from_ref(&topic),

@@ -24,6 +24,22 @@ pub struct KafkaConfig {
     pub delivery_timeout: Duration,
 }
 
+impl KafkaConfig {
+    /// `brokers` with the default bounds: 20 s to reach the broker, 30 s per acknowledgement.
+    ///
+    /// ```
+    /// let config = clickpulse_replay::KafkaConfig::new("127.0.0.1:9092");
+    /// assert_eq!(config.delivery_timeout.as_secs(), 30);
+    /// ```
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            connect_timeout: Duration::from_secs(20),
+            delivery_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// What went wrong talking to Kafka.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSinkError {

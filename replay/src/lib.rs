@@ -77,11 +77,7 @@ impl ReplayConfig {
     pub fn new(source: Source, brokers: &str, tenants: Vec<Tenant>) -> Self {
         ReplayConfig {
             source,
-            kafka: KafkaConfig {
-                brokers: brokers.to_owned(),
-                connect_timeout: Duration::from_secs(20),
-                delivery_timeout: Duration::from_secs(30),
-            },
+            kafka: KafkaConfig::new(brokers),
             tenants,
             limit: None,
             speed: Speed::Max,

@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use clickpulse_protocol::Tenant;
 use clickpulse_protocol::auth::Claims;
 use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::ws::{ClientMsg, CloseCode, ErrorCode, SUBPROTOCOL, ServerMsg};
@@ -480,6 +481,61 @@ fn close(code: CloseCode) -> Message {
     }))
 }
 
+/// The close code for a read error: only an oversized frame is one a client causes on
+/// purpose; anything else is a connection gone (no close frame to send).
+fn read_error_close(error: &axum::Error) -> Option<CloseCode> {
+    let message = error.to_string().to_lowercase();
+    (message.contains("too long") || message.contains("capacity")).then_some(CloseCode::TooBig)
+}
+
+/// Acts on a client's text message (subscribe, unsubscribe): changes its subscription in the
+/// hub and `streams` (its registration's list); returns the reply to send, if any.
+fn on_client_text(
+    state: &AppState,
+    mailbox: &Mailbox,
+    tenant: &Tenant,
+    client: u64,
+    streams: &mut Vec<Stream>,
+    text: &str,
+) -> Option<ServerMsg> {
+    match serde_json::from_str::<ClientMsg>(text) {
+        Ok(ClientMsg::Subscribe {
+            streams: wanted,
+            max_rate_hz,
+            after,
+        }) => {
+            if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+                return Some(ServerMsg::Error {
+                    code: ErrorCode::BadValue,
+                    message: "max_rate_hz must be a positive number".into(),
+                });
+            }
+            // A cap slower than the slow-client timeout would get the client cut off for
+            // being slow; it is raised to half of it.
+            let interval = max_rate_hz.map(|hz| {
+                Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
+            });
+            mailbox.set_min_interval(interval);
+            state.hub.subscribe(tenant, client, &wanted, after);
+            for s in wanted {
+                if !streams.contains(&s) {
+                    streams.push(s);
+                }
+            }
+            None
+        }
+        Ok(ClientMsg::Unsubscribe { streams: unwanted }) => {
+            state.hub.unsubscribe(tenant, client, &unwanted);
+            streams.retain(|s| !unwanted.contains(s));
+            None
+        }
+        Err(e) => Some(ServerMsg::Error {
+            code: ErrorCode::BadMessage,
+            message: e.to_string(),
+        }),
+    }
+}
+
 async fn serve_client(
     mut socket: WebSocket,
     state: Arc<AppState>,
@@ -579,65 +635,34 @@ async fn serve_client(
                 }
                 incoming = socket.recv() => {
                     idle.as_mut().reset(tokio::time::Instant::now() + state.limits.idle_timeout);
-                    match incoming {
-                    None | Some(Ok(Message::Close(_))) => break None,
-                    Some(Err(e)) => {
-                        // The only read error a client causes on purpose: an oversized frame.
-                        let too_big = e.to_string().to_lowercase().contains("too long")
-                            || e.to_string().to_lowercase().contains("capacity");
-                        break too_big.then_some(CloseCode::TooBig);
-                    }
-                    Some(Ok(Message::Text(t))) => {
-                        state.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-                        let streams_before = registration.streams.clone();
-                        let reply = match serde_json::from_str::<ClientMsg>(t.as_str()) {
-                            Ok(ClientMsg::Subscribe { streams, max_rate_hz, after }) => {
-                                if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-                                    Some(ServerMsg::Error { code: ErrorCode::BadValue, message: "max_rate_hz must be a positive number".into() })
-                                } else {
-                                    // A cap slower than the slow-client timeout would get the
-                                    // client cut off for being slow; it is raised to half of it.
-                                    let interval = max_rate_hz.map(|hz| {
-                                        Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
-                                    });
-                                    mailbox.set_min_interval(interval);
-                                    state.hub.subscribe(tenant, client, &streams, after);
-                                    for s in streams {
-                                        if !registration.streams.contains(&s) {
-                                            registration.streams.push(s);
-                                        }
-                                    }
-                                    None
-                                }
+                    let reply = match incoming {
+                        None | Some(Ok(Message::Close(_))) => break None,
+                        Some(Err(e)) => break read_error_close(&e),
+                        Some(Ok(Message::Text(t))) => {
+                            state.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                            let streams_before = registration.streams.clone();
+                            let reply = on_client_text(&state, &mailbox, tenant, client, &mut registration.streams, t.as_str());
+                            // ZooKeeper is written only when the streams changed: a client
+                            // sending messages in a loop must not turn each into a write.
+                            if let Some((registry, path)) = &registered
+                                && registration.streams != streams_before
+                                && let Err(error) = registry.update(path, &registration).await
+                            {
+                                tracing::warn!(%tenant, client = %client_id, %error, "registration update failed");
                             }
-                            Ok(ClientMsg::Unsubscribe { streams }) => {
-                                state.hub.unsubscribe(tenant, client, &streams);
-                                registration.streams.retain(|s| !streams.contains(s));
-                                None
-                            }
-                            Err(e) => Some(ServerMsg::Error { code: ErrorCode::BadMessage, message: e.to_string() }),
-                        };
-                        if let Some(reply) = reply
-                            && socket.send(text(&reply)).await.is_err()
-                        {
-                            break None;
+                            reply
                         }
-                        // ZooKeeper is written only when the streams changed: a client sending
-                        // messages in a loop must not turn each into a write.
-                        if let Some((registry, path)) = &registered
-                            && registration.streams != streams_before
-                            && let Err(error) = registry.update(path, &registration).await
-                        {
-                            tracing::warn!(%tenant, client = %client_id, %error, "registration update failed");
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        let reply = ServerMsg::Error { code: ErrorCode::BinaryNotSupported, message: "send JSON text frames".into() };
-                        if socket.send(text(&reply)).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(_)) => {} // pings are answered by the library; pongs only count as heard
+                        Some(Ok(Message::Binary(_))) => Some(ServerMsg::Error {
+                            code: ErrorCode::BinaryNotSupported,
+                            message: "send JSON text frames".into(),
+                        }),
+                        // Pings are answered by the library; pongs only count as heard.
+                        Some(Ok(_)) => None,
+                    };
+                    if let Some(reply) = reply
+                        && socket.send(text(&reply)).await.is_err()
+                    {
+                        break None;
                     }
                 }
                 () = &mut idle => break Some(CloseCode::IdleTimeout),

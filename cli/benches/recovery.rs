@@ -232,7 +232,9 @@ async fn bench() {
     for line in log.lines().filter(|l| {
         [
             "ownership acquired",
+            "state read",
             "checkpoint found",
+            "resume positions looked up",
             "resumed at",
             "job started",
             "first result out",

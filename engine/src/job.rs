@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint::{self, CheckpointError, Scan};
 use crate::config::OperatorConfig;
-use crate::history::{Changelog, HistoryStore, RedbStore};
+use crate::history::{Changelog, History, HistoryStore, RedbStore, StoreError};
 use crate::idleness::Idleness;
 use crate::output::{Output, OutputError};
 use crate::pipeline::{Admission, EngineError, Pipeline, PipelineState};
@@ -241,7 +241,7 @@ pub async fn run_job(
         let name = topic.clone();
         tokio::task::spawn_blocking(move || {
             let started = start(&consumer, &config, &name)?;
-            let queues = split_partitions(&consumer, &name, started.partitions)?;
+            let queues = split_partitions(&consumer, &name, started.plan.partitions)?;
             Ok::<_, JobError>((started, queues))
         })
     };
@@ -252,14 +252,17 @@ pub async fn run_job(
     let (seek, output) = tokio::join!(seek, output);
     let (started, queues) = seek.map_err(|e| JobError::StartUp(e.to_string()))??;
     let Started {
-        partitions,
-        from_ms,
-        offsets,
+        plan:
+            Plan {
+                partitions,
+                from_ms,
+                offsets,
+                resumed,
+                obsolete,
+                history_logs,
+                logged,
+            },
         store,
-        resumed,
-        obsolete,
-        history_logs,
-        logged,
     } = started;
     let output = output.map_err(|e| JobError::StartUp(e.to_string()))??;
     let mut input = Input::new(&consumer, &queues);
@@ -858,12 +861,17 @@ async fn write_checkpoint(
 
 /// What a job starts from.
 struct Started {
+    plan: Plan,
+    store: Changelog<RedbStore>,
+}
+
+/// Where a job starts, decided from its checkpoints (see [`plan`]).
+struct Plan {
     partitions: usize,
     /// Windows before this are not emitted (a job reading one window back).
     from_ms: Option<i64>,
     /// Where each partition is read from.
     offsets: Vec<(i32, i64)>,
-    store: Changelog<RedbStore>,
     /// The checkpoint resumed and its operator state.
     resumed: Option<(Manifest, PipelineState)>,
     obsolete: Vec<Manifest>,
@@ -872,9 +880,20 @@ struct Started {
     logged: u64,
 }
 
+/// History batches waiting for the merge thread during a start (a batch is [`MERGE_BATCH`]
+/// entries of 32 bytes): room for a day of MSNBC visitors (990,000), 34 MB at the most, so the
+/// state read does not wait for the merge (with room for 4 it did, and the positions were
+/// looked up only once nearly all was merged).
+const MERGE_QUEUE: usize = 64;
+
 /// Reads the tenant's checkpoints (rebuilding the visitor history from its logs), then
 /// either resumes the newest complete one or seeks as `config.start` says; assigns the
 /// consumer. Blocking.
+///
+/// The history read back is merged into the store on a thread of its own while this one goes
+/// on: the checkpoint's state decoded, its positions looked up. For a tenant with a day of
+/// history each took about half a second of every takeover (620,000 visitors merged in 580 ms,
+/// positions looked up in 540 ms), one after the other.
 fn start(
     consumer: &StreamConsumer<JobContext>,
     config: &JobConfig,
@@ -882,10 +901,50 @@ fn start(
 ) -> Result<Started, JobError> {
     let mut store =
         Changelog::new(RedbStore::open(&config.history_path).map_err(EngineError::from)?);
-    let scan = match config.checkpoint_interval {
-        Some(_) => read_state(&config.brokers, &topics::state(&config.tenant), &mut store)?,
-        None => Scan::default(),
-    };
+    let (plan, merged) = std::thread::scope(|s| {
+        let (history, batches) = std::sync::mpsc::sync_channel::<HistoryBatch>(MERGE_QUEUE);
+        let store = &mut store;
+        let merger = std::thread::Builder::new()
+            .name("history-merge".into())
+            .spawn_scoped(s, move || {
+                for mut batch in batches {
+                    store.merge_batch(&mut batch.drain(..))?;
+                }
+                Ok::<(), StoreError>(())
+            });
+        let merger = match merger {
+            Ok(merger) => merger,
+            Err(e) => {
+                return (
+                    Err(JobError::StartUp(format!("no history merge thread: {e}"))),
+                    Ok(()),
+                );
+            }
+        };
+        let plan = match config.checkpoint_interval {
+            Some(_) => read_state(&config.brokers, &topics::state(&config.tenant), &history),
+            None => Ok(Scan::default()),
+        }
+        .and_then(|scan| plan(consumer, config, topic, scan));
+        drop(history);
+        let merged = merger
+            .join()
+            .unwrap_or_else(|_| Err(StoreError("the history merge thread panicked".into())));
+        (plan, merged)
+    });
+    // A failed merge first: the state read then stopped because of it.
+    merged.map_err(EngineError::from)?;
+    Ok(Started { plan: plan?, store })
+}
+
+/// Decides where the job starts from what `state.<tenant>` held, and assigns the consumer
+/// there. Blocking.
+fn plan(
+    consumer: &StreamConsumer<JobContext>,
+    config: &JobConfig,
+    topic: &str,
+    scan: Scan,
+) -> Result<Plan, JobError> {
     let found = scan.latest();
     let history_logs: Vec<Key> = scan.history_logs().collect();
     let logged = scan.history_records;
@@ -950,11 +1009,10 @@ fn start(
             offsets,
             ..
         } = assign_resumed(consumer, &config.brokers, topic, &found.manifest.offsets)?;
-        return Ok(Started {
+        return Ok(Plan {
             partitions,
             from_ms: None,
             offsets,
-            store,
             resumed: Some((found.manifest, state)),
             obsolete,
             history_logs,
@@ -972,11 +1030,10 @@ fn start(
         config.start,
         &config.operators,
     )?;
-    Ok(Started {
+    Ok(Plan {
         partitions,
         from_ms,
         offsets,
-        store,
         resumed: None,
         obsolete,
         history_logs,
@@ -987,9 +1044,17 @@ fn start(
 /// How many history records a restore merges into the store per write transaction.
 const MERGE_BATCH: usize = 16_384;
 
-/// Reads `state.<tenant>` from its start to its end: history into `store` (newest wins),
-/// checkpoints into the scan. A topic that does not exist yet is empty. Blocking.
-fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Result<Scan, JobError> {
+/// Visitor history read back from `state.<tenant>`, on its way to the store.
+type HistoryBatch = Vec<(u64, History)>;
+
+/// Reads `state.<tenant>` from its start to its end: history to `history` in batches (merged
+/// newest-wins by the receiver), checkpoints into the scan. A topic that does not exist yet
+/// is empty. Blocking.
+fn read_state(
+    brokers: &str,
+    topic: &str,
+    history: &std::sync::mpsc::SyncSender<HistoryBatch>,
+) -> Result<Scan, JobError> {
     let started = std::time::Instant::now();
     // Destroyed off this thread when done: destroying it here held the job's start up by
     // 0–100 ms (measured), after everything was read.
@@ -1017,9 +1082,10 @@ fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Resu
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, 0, Offset::Beginning)?;
     consumer.assign(&list)?;
-    let mut batch = Vec::new();
+    let mut batch = Vec::with_capacity(MERGE_BATCH);
     let mut progress = std::time::Instant::now();
     let mut records = 0u64;
+    let merge_stopped = || JobError::StartUp("the history merge stopped".into());
     loop {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
@@ -1027,9 +1093,8 @@ fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Resu
                 progress = std::time::Instant::now();
                 scan.add(m.key(), m.payload(), |v, h| batch.push((v, h)));
                 if batch.len() >= MERGE_BATCH {
-                    store
-                        .merge_batch(&mut batch.drain(..))
-                        .map_err(EngineError::from)?;
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(MERGE_BATCH));
+                    history.send(full).map_err(|_| merge_stopped())?;
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => break,
@@ -1042,9 +1107,9 @@ fn read_state(brokers: &str, topic: &str, store: &mut impl HistoryStore) -> Resu
             None => {}
         }
     }
-    store
-        .merge_batch(&mut batch.drain(..))
-        .map_err(EngineError::from)?;
+    if !batch.is_empty() {
+        history.send(batch).map_err(|_| merge_stopped())?;
+    }
     tracing::debug!(%topic, records, history = scan.history_records, unreadable = scan.unreadable, ms = started.elapsed().as_millis() as u64, "state read");
     Ok(scan)
 }

@@ -302,14 +302,14 @@ impl Mailbox {
 
 /// A client of the hub: joined while it is connected, subscribed to none or more streams.
 #[derive(Debug)]
-struct Subscriber {
+struct Client {
     streams: Vec<Stream>,
     mailbox: Arc<Mailbox>,
     /// A resuming client's last result: nothing at or before it is sent to it.
     after: Option<Position>,
 }
 
-impl Subscriber {
+impl Client {
     fn has(&self, at: Position) -> bool {
         self.after.is_some_and(|after| at <= after)
     }
@@ -322,7 +322,7 @@ struct TenantState {
     latest: FxHashMap<Stream, (Position, Arc<str>)>,
     /// Every connected client of the tenant, by id (the gateway's own numbers: no hash
     /// flooding to fear, here or in the per-stream maps).
-    subscribers: FxHashMap<u64, Subscriber>,
+    clients: FxHashMap<u64, Client>,
 }
 
 #[derive(Debug, Default)]
@@ -380,7 +380,7 @@ impl Hub {
         let mut delivered = 0;
         let live = Outgoing::new(frame.stream, json.clone(), false);
         let now = Instant::now();
-        for sub in t.subscribers.values() {
+        for sub in t.clients.values() {
             if sub.streams.contains(&frame.stream) && !sub.has(at) {
                 let replaced = sub.mailbox.offer_at(live.clone(), now);
                 if replaced {
@@ -401,9 +401,9 @@ impl Hub {
             mailbox.shut_down();
         }
         let t = tenants.by_name.entry(tenant.clone()).or_default();
-        t.subscribers.insert(
+        t.clients.insert(
             client,
-            Subscriber {
+            Client {
                 streams: Vec::new(),
                 mailbox: mailbox.clone(),
                 after: None,
@@ -425,7 +425,7 @@ impl Hub {
         let Some(t) = tenants.by_name.get_mut(tenant) else {
             return;
         };
-        let Some(sub) = t.subscribers.get_mut(&client) else {
+        let Some(sub) = t.clients.get_mut(&client) else {
             return;
         };
         if after.is_some() {
@@ -448,7 +448,7 @@ impl Hub {
         if let Some(sub) = tenants
             .by_name
             .get_mut(tenant)
-            .and_then(|t| t.subscribers.get_mut(&client))
+            .and_then(|t| t.clients.get_mut(&client))
         {
             sub.streams.retain(|s| !streams.contains(s));
             for &s in streams {
@@ -461,7 +461,7 @@ impl Hub {
     pub fn remove(&self, tenant: &Tenant, client: u64) {
         let mut tenants = lock(&self.tenants);
         if let Some(t) = tenants.by_name.get_mut(tenant) {
-            t.subscribers.remove(&client);
+            t.clients.remove(&client);
         }
     }
 
@@ -471,7 +471,7 @@ impl Hub {
         let mut tenants = lock(&self.tenants);
         tenants.shutting_down = true;
         for t in tenants.by_name.values() {
-            for sub in t.subscribers.values() {
+            for sub in t.clients.values() {
                 sub.mailbox.shut_down();
             }
         }
@@ -480,10 +480,7 @@ impl Hub {
     /// Clients of a tenant subscribed to at least one stream.
     pub fn subscribers(&self, tenant: &Tenant) -> usize {
         lock(&self.tenants).by_name.get(tenant).map_or(0, |t| {
-            t.subscribers
-                .values()
-                .filter(|s| !s.streams.is_empty())
-                .count()
+            t.clients.values().filter(|s| !s.streams.is_empty()).count()
         })
     }
 }

@@ -78,6 +78,8 @@ struct Slots {
     backlog_since: Option<Instant>,
     /// The client's rate cap: at most one message per stream per interval.
     min_interval: Option<Duration>,
+    /// When each stream was last sent, kept only under a rate cap (a stream not in it may
+    /// go at once).
     last_sent: FxHashMap<Stream, Instant>,
     closed: bool,
     /// Closed because the gateway is shutting down (not because the client left).
@@ -191,7 +193,12 @@ impl Mailbox {
 
     /// Caps how often each stream is sent to this client (`None`: as fast as it reads).
     pub fn set_min_interval(&self, interval: Option<Duration>) {
-        lock(&self.slots).min_interval = interval;
+        let mut s = lock(&self.slots);
+        s.min_interval = interval;
+        if interval.is_none() {
+            s.last_sent = FxHashMap::default();
+        }
+        drop(s);
         self.signal.raise();
     }
 
@@ -238,7 +245,8 @@ impl Mailbox {
         }
         // Otherwise an emptied queue stays, allocated, for the stream's next message:
         // dropping and reallocating it was a free and a malloc per result per client.
-        if msg.is_some() {
+        // Without a cap nothing reads it: no map per client, no insert per result.
+        if msg.is_some() && s.min_interval.is_some() {
             s.last_sent.insert(stream, now);
         }
         s.backlog_since = (!s.order.is_empty()).then_some(now);

@@ -39,29 +39,50 @@ pub enum Published {
     StaleEpoch,
 }
 
-/// One message for a client.
+/// One message for a client: its stream, and the text sent for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     pub stream: Stream,
-    /// The engine's result JSON.
-    pub json: Arc<str>,
-    pub snapshot: bool,
-    /// The WebSocket text sent for it (`ServerMsg::Result` around `json`), rendered once and
-    /// shared by every client it goes to.
+    /// The WebSocket text sent for it (`ServerMsg::Result` around the engine's JSON),
+    /// rendered once and shared by every client it goes to (one reference count per client,
+    /// where a copy of the JSON beside it, read by nothing but tests, was a second).
     pub text: Utf8Bytes,
 }
 
+/// What [`Outgoing::new`] puts before the engine's JSON, by `snapshot`.
+const RESULT_HEAD: [&str; 2] = [
+    r#"{"type":"result","snapshot":false,"result":"#,
+    r#"{"type":"result","snapshot":true,"result":"#,
+];
+
 impl Outgoing {
-    pub fn new(stream: Stream, json: Arc<str>, snapshot: bool) -> Self {
-        // Built around the engine's JSON without re-parsing it; the protocol crate's
-        // documented form of `ServerMsg::Result`.
-        let text = format!(r#"{{"type":"result","snapshot":{snapshot},"result":{json}}}"#).into();
+    /// The engine's result `json` as the protocol's `ServerMsg::Result`, built around it
+    /// without re-parsing it.
+    pub fn new(stream: Stream, json: &str, snapshot: bool) -> Self {
+        let head = RESULT_HEAD[usize::from(snapshot)];
+        let mut text = String::with_capacity(head.len() + json.len() + 1);
+        text.push_str(head);
+        text.push_str(json);
+        text.push('}');
         Outgoing {
             stream,
-            json,
-            snapshot,
-            text,
+            text: text.into(),
         }
+    }
+
+    /// The engine's JSON inside the text, and whether it is a snapshot.
+    #[cfg(test)]
+    fn result(&self) -> (&str, bool) {
+        let text = self.text.as_str();
+        let snapshot = text.starts_with(RESULT_HEAD[1]);
+        let json = &text[RESULT_HEAD[usize::from(snapshot)].len()..text.len() - 1];
+        (json, snapshot)
+    }
+
+    /// The engine's JSON inside the text.
+    #[cfg(test)]
+    fn json(&self) -> &str {
+        self.result().0
     }
 }
 
@@ -386,7 +407,7 @@ impl Hub {
         let json: Arc<str> = String::from_utf8_lossy(&frame.json).into();
         t.latest.insert(frame.stream, (at, json.clone()));
         let mut delivered = 0;
-        let live = Outgoing::new(frame.stream, json.clone(), false);
+        let live = Outgoing::new(frame.stream, &json, false);
         let now = Instant::now();
         for sub in t.clients.values() {
             if sub.streams.contains(&frame.stream) && !sub.has(at) {
@@ -446,7 +467,7 @@ impl Hub {
             if let Some((at, json)) = t.latest.get(&stream)
                 && !sub.has(*at)
             {
-                sub.mailbox.offer(Outgoing::new(stream, json.clone(), true));
+                sub.mailbox.offer(Outgoing::new(stream, json, true));
             }
         }
     }
@@ -578,8 +599,8 @@ mod tests {
         hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Sessions], None);
         let snap = mailbox.take().unwrap();
         assert_eq!(
-            (snap.stream, &*snap.json, snap.snapshot),
-            (Stream::TopN, "latest", true)
+            (snap.stream, snap.result()),
+            (Stream::TopN, ("latest", true))
         );
         assert_eq!(mailbox.take(), None, "no sessions result yet");
         hub.publish(&frame("acme", 1, 3, Stream::Window, "not subscribed"));
@@ -587,7 +608,7 @@ mod tests {
         assert_eq!(mailbox.take(), None);
         hub.publish(&frame("acme", 1, 5, Stream::Sessions, "live"));
         let live = mailbox.take().unwrap();
-        assert_eq!((&*live.json, live.snapshot), ("live", false));
+        assert_eq!(live.result(), ("live", false));
         hub.unsubscribe(&acme, 7, &[Stream::Sessions]);
         hub.publish(&frame("acme", 1, 6, Stream::Sessions, "after"));
         assert_eq!(mailbox.take(), None);
@@ -610,7 +631,10 @@ mod tests {
             assert!(mailbox.going_away());
         }
         // What was pending still goes out before the close.
-        assert_eq!(watching.take().map(|m| m.json), Some(Arc::from("pending")));
+        assert_eq!(
+            watching.take().map(|m| m.json().to_owned()),
+            Some("pending".to_owned())
+        );
         hub.remove(&acme, 1);
         assert_eq!(hub.subscribers(&acme), 0);
     }
@@ -627,7 +651,8 @@ mod tests {
         hub.subscribe(&acme, 7, &[Stream::TopN, Stream::Totals], after);
         let snap = mailbox.take().unwrap();
         assert_eq!(
-            &*snap.json, "unseen",
+            snap.json(),
+            "unseen",
             "only the snapshot after its last result"
         );
         assert_eq!(mailbox.take(), None);
@@ -635,7 +660,7 @@ mod tests {
         hub.publish(&frame("acme", 2, 2, Stream::Totals, "unseen"));
         assert_eq!(mailbox.take(), None);
         hub.publish(&frame("acme", 2, 3, Stream::TopN, "new"));
-        assert_eq!(&*mailbox.take().unwrap().json, "new");
+        assert_eq!(mailbox.take().unwrap().json(), "new");
     }
 
     #[test]
@@ -652,9 +677,9 @@ mod tests {
             watermark_ms: 1_000,
             body: ResultBody::PageViews { pages: vec![] },
         };
-        let json: Arc<str> = serde_json::to_string(&result).unwrap().into();
+        let json = serde_json::to_string(&result).unwrap();
         for snapshot in [true, false] {
-            let out = Outgoing::new(Stream::PageViews, json.clone(), snapshot);
+            let out = Outgoing::new(Stream::PageViews, &json, snapshot);
             let parsed: ServerMsg = serde_json::from_str(&out.text).unwrap();
             assert_eq!(
                 parsed,
@@ -671,14 +696,14 @@ mod tests {
         let mailbox = Mailbox::new();
         for i in 0..1000 {
             for stream in [Stream::TopN, Stream::Window] {
-                mailbox.offer(Outgoing::new(stream, format!("{i}").into(), false));
+                mailbox.offer(Outgoing::new(stream, &format!("{i}"), false));
             }
         }
         assert!(mailbox.backlog_age().is_some());
         let a = mailbox.take().unwrap();
         let b = mailbox.take().unwrap();
-        assert_eq!((a.stream, &*a.json), (Stream::TopN, "999"));
-        assert_eq!((b.stream, &*b.json), (Stream::Window, "999"));
+        assert_eq!((a.stream, a.json()), (Stream::TopN, "999"));
+        assert_eq!((b.stream, b.json()), (Stream::Window, "999"));
         assert_eq!(mailbox.take(), None, "bounded: one message per stream");
         assert_eq!(mailbox.conflated(), 1998);
         assert_eq!(mailbox.backlog_age(), None);
@@ -690,12 +715,12 @@ mod tests {
         let series = Stream::PageViews;
         assert!(series.is_series());
         for i in 0..SERIES_UNSENT {
-            mailbox.offer(Outgoing::new(series, format!("{i}").into(), false));
+            mailbox.offer(Outgoing::new(series, &format!("{i}"), false));
         }
         while mailbox.take().is_some() {}
         assert!(!lock(&mailbox.slots).pending.contains_key(&series));
         for i in 0..3 {
-            mailbox.offer(Outgoing::new(Stream::TopN, format!("{i}").into(), false));
+            mailbox.offer(Outgoing::new(Stream::TopN, &format!("{i}"), false));
             assert!(mailbox.take().is_some());
         }
         let slots = lock(&mailbox.slots);
@@ -712,27 +737,23 @@ mod tests {
         let mailbox = Mailbox::new();
         let total = SERIES_UNSENT + 10;
         for i in 0..total {
-            mailbox.offer(Outgoing::new(
-                Stream::PageViews,
-                format!("{i}").into(),
-                false,
-            ));
+            mailbox.offer(Outgoing::new(Stream::PageViews, &format!("{i}"), false));
         }
-        mailbox.offer(Outgoing::new(Stream::TopN, "t".into(), false));
+        mailbox.offer(Outgoing::new(Stream::TopN, "t", false));
         assert_eq!(
             mailbox.conflated(),
             10,
             "only the oldest ticks were dropped"
         );
         let first = mailbox.take().unwrap();
-        assert_eq!(&*first.json, "10");
+        assert_eq!(first.json(), "10");
         assert_eq!(
             mailbox.take().map(|m| m.stream),
             Some(Stream::TopN),
             "a burst of one stream does not hold the others back"
         );
         let rest: Vec<String> = std::iter::from_fn(|| mailbox.take())
-            .map(|m| m.json.to_string())
+            .map(|m| m.json().to_owned())
             .collect();
         let expected: Vec<String> = (11..total).map(|i| i.to_string()).collect();
         assert_eq!(rest, expected, "in order, none twice");
@@ -740,15 +761,11 @@ mod tests {
 
         // A replaced latest-value result keeps its stream's one turn: nothing stalls behind it.
         for i in 0..3 {
-            mailbox.offer(Outgoing::new(Stream::Totals, format!("{i}").into(), false));
-            mailbox.offer(Outgoing::new(
-                Stream::PageViews,
-                format!("p{i}").into(),
-                false,
-            ));
+            mailbox.offer(Outgoing::new(Stream::Totals, &format!("{i}"), false));
+            mailbox.offer(Outgoing::new(Stream::PageViews, &format!("p{i}"), false));
         }
         let sent: Vec<String> = std::iter::from_fn(|| mailbox.take())
-            .map(|m| m.json.to_string())
+            .map(|m| m.json().to_owned())
             .collect();
         assert_eq!(sent, ["2", "p0", "p1", "p2"]);
     }
@@ -757,14 +774,17 @@ mod tests {
     fn a_rate_cap_holds_a_stream_back_and_lets_others_through() {
         let mailbox = Mailbox::new();
         mailbox.set_min_interval(Some(Duration::from_secs(3600)));
-        let msg = |stream, json: &str| Outgoing::new(stream, json.into(), false);
+        let msg = |stream, json: &str| Outgoing::new(stream, json, false);
         mailbox.offer(msg(Stream::TopN, "1"));
-        assert_eq!(mailbox.take().map(|m| m.json), Some("1".into()));
+        assert_eq!(
+            mailbox.take().map(|m| m.json().to_owned()),
+            Some("1".to_owned())
+        );
         mailbox.offer(msg(Stream::TopN, "2"));
         mailbox.offer(msg(Stream::Window, "w"));
         assert_eq!(
-            mailbox.take().map(|m| m.json),
-            Some("w".into()),
+            mailbox.take().map(|m| m.json().to_owned()),
+            Some("w".to_owned()),
             "topn is not due yet"
         );
         assert_eq!(mailbox.take(), None);
@@ -775,6 +795,9 @@ mod tests {
             "the held-back topn was replaced by the newer one"
         );
         mailbox.set_min_interval(None);
-        assert_eq!(mailbox.take().map(|m| m.json), Some("3".into()));
+        assert_eq!(
+            mailbox.take().map(|m| m.json().to_owned()),
+            Some("3".to_owned())
+        );
     }
 }

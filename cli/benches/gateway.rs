@@ -6,15 +6,15 @@
 //! turn over loopback:
 //!
 //! - connects: `CLIENTS` connections, 256 opening at a time; one counts when it is usable — for
-//!   the gateway when its welcome arrives (token checked, client registered in ZooKeeper), for
-//!   the peer when the handshake completes;
+//!   the gateway when its welcome arrives (token checked, client registered in ZooKeeper and
+//!   subscribed to the `topn` stream, asked for in the upgrade request as the dashboard does),
+//!   for the peer when the handshake completes;
 //! - idle memory: the server's RSS growth (`/proc/PID/status`) with all of them connected and
 //!   quiet, divided by their number;
-//! - fan-out: every client subscribes (the gateway's `topn` stream), then `UPDATES` results go
-//!   in at `RATE` per second (to the gateway over ZeroMQ, as an engine sends them; to the peer
-//!   over a publisher WebSocket) and each client's receive time is taken against the send time.
-//!   The peer gets the very text the gateway sends its clients, so each delivery is the same
-//!   size on both.
+//! - fan-out: `UPDATES` results go in at `RATE` per second (to the gateway over ZeroMQ, as an
+//!   engine sends them; to the peer over a publisher WebSocket) and each client's receive time
+//!   is taken against the send time. The peer gets the very text the gateway sends its
+//!   clients, so each delivery is the same size on both.
 //!
 //! Then the same fan-out against a **floor**: this binary again (`--floor-server PORT`), a
 //! server that does nothing but one blocking `write(2)` of a ready frame per client, from two
@@ -594,10 +594,11 @@ fn seq_of(text: &[u8]) -> Option<u64> {
         .flatten()
 }
 
-/// Opens one client; for the gateway, until its welcome, then subscribes.
+/// Opens one client; for the gateway, subscribed in the upgrade request as the dashboard is,
+/// until its welcome.
 async fn open(server: &Server) -> Result<Ws, String> {
     let path = match server {
-        Server::Gateway { token, .. } => format!("/ws?token={token}"),
+        Server::Gateway { token, .. } => format!("/ws?token={token}&streams=topn"),
         Server::Peer { .. } => "/".to_owned(),
     };
     let mut ws = Ws::connect(server.addr(), &path)
@@ -611,9 +612,6 @@ async fn open(server: &Server) -> Result<Ws, String> {
                 Frame::Closed => return Err("closed before the welcome".into()),
             }
         }
-        ws.send(0x1, br#"{"type":"subscribe","streams":["topn"]}"#)
-            .await
-            .map_err(|e| e.to_string())?;
     }
     Ok(ws)
 }

@@ -15,7 +15,9 @@ use axum::routing::get;
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::auth::Claims;
 use clickpulse_protocol::results::Stream;
-use clickpulse_protocol::ws::{ClientMsg, CloseCode, ErrorCode, SUBPROTOCOL, ServerMsg};
+use clickpulse_protocol::ws::{
+    ClientMsg, CloseCode, ErrorCode, QueryError, SUBPROTOCOL, ServerMsg, Subscription,
+};
 use clickpulse_protocol::zk::Right;
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +69,7 @@ pub struct Metrics {
     pub messages_in: AtomicU64,
     pub messages_out: AtomicU64,
     pub auth_failures: AtomicU64,
+    pub bad_upgrades: AtomicU64,
     pub slow_client_closes: AtomicU64,
     pub idle_closes: AtomicU64,
     pub over_capacity: AtomicU64,
@@ -146,6 +149,13 @@ impl AppState {
                 "Upgrades refused for a missing or bad token.",
                 "",
                 get(&m.auth_failures),
+            ),
+            (
+                "clickpulse_gateway_bad_upgrades_total",
+                "counter",
+                "Upgrades refused for a bad subscription in the query.",
+                "",
+                get(&m.bad_upgrades),
             ),
             (
                 "clickpulse_gateway_messages_in_total",
@@ -431,6 +441,14 @@ fn token_from(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, bool
     (from_query, via_protocol)
 }
 
+/// A 400 for an upgrade whose query subscribes wrongly (after its token was accepted).
+fn bad_subscription(state: &AppState, error: QueryError) -> Response {
+    state.metrics.bad_upgrades.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(%error, "websocket refused");
+    let body = serde_json::json!({"error": "bad_request", "reason": error.to_string()});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
 fn unauthorized(state: &AppState, error: AuthError) -> Response {
     state.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
     tracing::info!(%error, "websocket refused");
@@ -454,6 +472,10 @@ async fn ws_handler(
         }
         Some(Ok(c)) => c,
     };
+    let subscription = match Subscription::from_query(query.as_deref().unwrap_or_default()) {
+        Ok(subscription) => subscription,
+        Err(e) => return bad_subscription(&state, e),
+    };
     let ws = if via_protocol {
         ws.protocols([SUBPROTOCOL])
     } else {
@@ -467,7 +489,7 @@ async fn ws_handler(
         .write_buffer_size(0)
         .max_message_size(state.limits.max_frame_bytes)
         .max_frame_size(state.limits.max_frame_bytes)
-        .on_upgrade(move |socket| serve_client(socket, state, claims, client, peer))
+        .on_upgrade(move |socket| serve_client(socket, state, claims, client, peer, subscription))
 }
 
 fn text(msg: &ServerMsg) -> Message {
@@ -488,6 +510,26 @@ fn read_error_close(error: &axum::Error) -> Option<CloseCode> {
     (message.contains("too long") || message.contains("capacity")).then_some(CloseCode::TooBig)
 }
 
+/// Subscribes a client in the hub (the subscription checked already); its registration's list
+/// of streams is the caller's to extend.
+fn subscribe(
+    state: &AppState,
+    mailbox: &Mailbox,
+    tenant: &Tenant,
+    client: u64,
+    subscription: &Subscription,
+) {
+    // A cap slower than the slow-client timeout would get the client cut off for being slow;
+    // it is raised to half of it.
+    let interval = subscription
+        .max_rate_hz
+        .map(|hz| Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2));
+    mailbox.set_min_interval(interval);
+    state
+        .hub
+        .subscribe(tenant, client, &subscription.streams, subscription.after);
+}
+
 /// Acts on a client's text message (subscribe, unsubscribe): changes its subscription in the
 /// hub and `streams` (its registration's list); returns the reply to send, if any.
 fn on_client_text(
@@ -499,25 +541,15 @@ fn on_client_text(
     text: &str,
 ) -> Option<ServerMsg> {
     match serde_json::from_str::<ClientMsg>(text) {
-        Ok(ClientMsg::Subscribe {
-            streams: wanted,
-            max_rate_hz,
-            after,
-        }) => {
-            if max_rate_hz.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        Ok(ClientMsg::Subscribe(subscription)) => {
+            if let Err(e) = subscription.check() {
                 return Some(ServerMsg::Error {
                     code: ErrorCode::BadValue,
-                    message: "max_rate_hz must be a positive number".into(),
+                    message: e.to_string(),
                 });
             }
-            // A cap slower than the slow-client timeout would get the client cut off for
-            // being slow; it is raised to half of it.
-            let interval = max_rate_hz.map(|hz| {
-                Duration::from_secs_f64(1.0 / hz).min(state.limits.slow_client_timeout / 2)
-            });
-            mailbox.set_min_interval(interval);
-            state.hub.subscribe(tenant, client, &wanted, after);
-            for s in wanted {
+            subscribe(state, mailbox, tenant, client, &subscription);
+            for s in subscription.streams {
                 if !streams.contains(&s) {
                     streams.push(s);
                 }
@@ -542,6 +574,7 @@ async fn serve_client(
     claims: Claims,
     client: u64,
     peer: SocketAddr,
+    subscription: Option<Subscription>,
 ) {
     let Some(_admitted) = state.admit(peer.ip()) else {
         state.metrics.over_capacity.fetch_add(1, Ordering::Relaxed);
@@ -562,7 +595,11 @@ async fn serve_client(
         client: format!("c-{client}"),
         tenant,
         rights,
-        streams: Vec::new(),
+        // A subscription made in the upgrade request is in the registration from the start.
+        streams: subscription
+            .as_ref()
+            .map(|s| s.streams.clone())
+            .unwrap_or_default(),
         connected_at_ms: clickpulse_protocol::zk::now_ms(),
     };
     let (tenant, client_id) = (&registration.tenant, &registration.client);
@@ -599,6 +636,10 @@ async fn serve_client(
     };
     let mailbox = Mailbox::new();
     state.hub.join(tenant, client, &mailbox);
+    if let Some(subscription) = subscription {
+        // Its snapshots wait in the mailbox, so they follow the welcome.
+        subscribe(&state, &mailbox, tenant, client, &subscription);
+    }
     // No per-client polling: an idle client costs a ping timer and an idle deadline, both
     // far apart (thousands of quiet clients must not wake the gateway up many times a second).
     let mut ping = tokio::time::interval(state.limits.ping_interval);

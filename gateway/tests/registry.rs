@@ -8,6 +8,7 @@ use clickpulse_cluster::{ZkConfig, zk};
 use clickpulse_gateway::auth::{TokenKey, now_secs};
 use clickpulse_gateway::{GatewayConfig, Limits, start};
 use clickpulse_protocol::Tenant;
+use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::zk::{ClientRegistration, GatewayInfo, Layout, Right};
 use clickpulse_tests::{ZooKeeper, eventually, http_get, unique_name};
 use futures_util::{SinkExt, StreamExt};
@@ -88,6 +89,27 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
         })
         .await
     );
+
+    // A subscription in the upgrade request is in the registration from its first write.
+    let (mut subscribed, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{}/ws?token={token}&streams=topn,sessions",
+        gw.http_addr
+    ))
+    .await
+    .unwrap();
+    let welcome: serde_json::Value = match subscribed.next().await.unwrap().unwrap() {
+        Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let path_2 = layout.client(&acme, "gw-1", welcome["client"].as_str().unwrap());
+    let (data, stat) = look.get_data(&path_2).await.unwrap();
+    let reg: ClientRegistration = serde_json::from_slice(&data).unwrap();
+    assert_eq!(reg.streams, vec![Stream::TopN, Stream::Sessions]);
+    assert_eq!(
+        stat.version, 0,
+        "written once, not created and then updated"
+    );
+    subscribed.close(None).await.unwrap();
 
     // leaving removes it
     ws.close(None).await.unwrap();

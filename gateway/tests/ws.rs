@@ -254,6 +254,99 @@ async fn a_subscriber_gets_the_latest_result_at_once_then_live_ones_of_its_tenan
 }
 
 #[tokio::test]
+async fn a_subscription_in_the_upgrade_request_gets_its_snapshot_right_after_the_welcome() {
+    let (gw, _stop) = gateway(Limits::default()).await;
+    let mut engine = engine(&gw).await;
+    push(&mut engine, &result("acme", 1, 1, 10)).await;
+    push(&mut engine, &result("acme", 1, 2, 20)).await;
+    let accepted = || {
+        gw.hub
+            .stats
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let start = std::time::Instant::now();
+    while accepted() < 2 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(accepted(), 2, "the gateway took both results");
+
+    let token = token("acme", &[Right::View], 60);
+    let at = |query: &str| format!("ws://{}/ws?token={token}&{query}", gw.http_addr);
+    let (mut fresh, _) = tokio_tungstenite::connect_async(at("streams=topn"))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut fresh).await["type"], "welcome");
+    // Nothing sent by the client: the snapshot comes by itself.
+    let snapshot = next_json(&mut fresh).await;
+    assert_eq!(
+        (
+            snapshot["snapshot"].as_bool(),
+            snapshot["result"]["seq"].as_u64()
+        ),
+        (Some(true), Some(2)),
+        "{snapshot}"
+    );
+    // A resuming client that had seq 2 gets no snapshot, then what is new.
+    let (mut resumed, _) =
+        tokio_tungstenite::connect_async(at("streams=window%2Ctopn&after=1:2&max_rate_hz=50"))
+            .await
+            .unwrap();
+    assert_eq!(next_json(&mut resumed).await["type"], "welcome");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), resumed.next())
+            .await
+            .is_err(),
+        "nothing at or before its position"
+    );
+    push(&mut engine, &result("acme", 1, 3, 30)).await;
+    for ws in [&mut fresh, &mut resumed] {
+        let live = next_json(ws).await;
+        assert_eq!(
+            (live["snapshot"].as_bool(), live["result"]["seq"].as_u64()),
+            (Some(false), Some(3))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bad_subscription_in_the_upgrade_request_is_refused_with_400_after_the_token_check() {
+    let (gw, _stop) = gateway(Limits::default()).await;
+    let token = token("acme", &[Right::View], 60);
+    for query in [
+        "streams=topn,weather",
+        "streams=topn&max_rate_hz=0",
+        "streams=topn&after=yesterday",
+        "after=1:2",
+    ] {
+        let url = format!("ws://{}/ws?token={token}&{query}", gw.http_addr);
+        let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+        assert_eq!(status_of(err), 400, "{query}");
+    }
+    // The reason is in the body, for whoever writes the client.
+    let url = format!("ws://{}/ws?token={token}&streams=weather", gw.http_addr);
+    let body = match tokio_tungstenite::connect_async(url).await.unwrap_err() {
+        tokio_tungstenite::tungstenite::Error::Http(response) => {
+            String::from_utf8(response.into_body().unwrap_or_default()).unwrap()
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    };
+    assert!(body.contains("unknown stream \\\"weather\\\""), "{body}");
+    // Without a valid token, the query is not looked at.
+    let url = format!("ws://{}/ws?token=forged&streams=weather", gw.http_addr);
+    let err = tokio_tungstenite::connect_async(url).await.unwrap_err();
+    assert_eq!(status_of(err), 401);
+    let metrics = gw.state.render_metrics();
+    assert!(
+        metrics.contains("clickpulse_gateway_bad_upgrades_total 5\n"),
+        "{metrics}"
+    );
+    // and the gateway serves on
+    let mut ws = viewer(&gw, "acme").await;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+}
+
+#[tokio::test]
 async fn bad_frames_get_an_error_or_1009_and_other_clients_are_unaffected() {
     let (gw, _stop) = gateway(Limits {
         max_frame_bytes: 1024,

@@ -27,6 +27,18 @@
 //! [`SERIES_UNSENT`] are, so a burst (a job catching up) reaches a chart whole. `after` resumes a
 //! client that reconnects: nothing at or before that `(run, seq)` (see [`crate::results`]) is
 //! sent to it, snapshots included, so a result reaches it at most once across reconnects.
+//!
+//! A client may also subscribe in the upgrade request itself, with the same fields as query
+//! parameters (see [`Subscription::from_query`]):
+//!
+//! ```text
+//! GET /ws?streams=pageviews,topn&max_rate_hz=4&after=2:5120
+//! ```
+//!
+//! is the upgrade followed by `{"type":"subscribe","streams":["pageviews","topn"],
+//! "max_rate_hz":4,"after":{"run":2,"seq":5120}}`, except that the client's registration
+//! carries its streams from the start (one ZooKeeper write instead of two) and the snapshots
+//! follow the welcome without a round trip. A bad parameter is an HTTP 400 before the upgrade.
 
 use serde::{Deserialize, Serialize};
 
@@ -40,17 +52,134 @@ pub const SERIES_UNSENT: usize = 64;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientMsg {
-    Subscribe {
-        streams: Vec<Stream>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        max_rate_hz: Option<f64>,
-        /// The last result this client received (its `run` and `seq`), when it resumes.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        after: Option<Position>,
-    },
-    Unsubscribe {
-        streams: Vec<Stream>,
-    },
+    Subscribe(Subscription),
+    Unsubscribe { streams: Vec<Stream> },
+}
+
+/// What a client subscribes to: a `subscribe` message's fields, or the same given as query
+/// parameters of the upgrade request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    pub streams: Vec<Stream>,
+    /// Most results per second of one stream the client wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rate_hz: Option<f64>,
+    /// The last result this client received (its `run` and `seq`), when it resumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<Position>,
+}
+
+/// Why the subscription in an upgrade request's query was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QueryError {
+    #[error("unknown stream {0:?} in streams (known: pageviews, window, topn, sessions, totals)")]
+    UnknownStream(String),
+    #[error("streams is empty: name at least one stream")]
+    NoStreams,
+    #[error("{0} given without streams")]
+    WithoutStreams(&'static str),
+    #[error("{0} given twice")]
+    Repeated(&'static str),
+    #[error("max_rate_hz must be a positive number, not {0:?}")]
+    BadRate(String),
+    #[error("after must be RUN:SEQ (two whole numbers), not {0:?}")]
+    BadAfter(String),
+}
+
+impl Subscription {
+    /// Checks what the types cannot: a rate cap must be a positive number.
+    pub fn check(&self) -> Result<(), QueryError> {
+        match self.max_rate_hz {
+            Some(hz) if !(hz > 0.0 && hz.is_finite()) => Err(QueryError::BadRate(hz.to_string())),
+            _ => Ok(()),
+        }
+    }
+
+    /// The subscription in an upgrade request's query string (without the `?`), if it has
+    /// one: `streams` (names separated by commas, the parameter may repeat), and optionally
+    /// `max_rate_hz` and `after` (`RUN:SEQ`). Other parameters, such as `token`, are not
+    /// looked at. Values may be percent-encoded.
+    ///
+    /// ```
+    /// use clickpulse_protocol::results::Stream;
+    /// use clickpulse_protocol::ws::{Position, Subscription};
+    /// let sub = Subscription::from_query("token=T&streams=pageviews%2Ctopn&after=2:5120")
+    ///     .unwrap()
+    ///     .unwrap();
+    /// assert_eq!(sub.streams, [Stream::PageViews, Stream::TopN]);
+    /// assert_eq!(sub.after, Some(Position { run: 2, seq: 5120 }));
+    /// assert_eq!(Subscription::from_query("token=T"), Ok(None));
+    /// assert!(Subscription::from_query("streams=weather").is_err());
+    /// ```
+    pub fn from_query(query: &str) -> Result<Option<Subscription>, QueryError> {
+        let mut streams: Option<Vec<Stream>> = None;
+        let (mut max_rate_hz, mut after) = (None, None);
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            match key.as_ref() {
+                "streams" => {
+                    let list = streams.get_or_insert_with(Vec::new);
+                    for name in value.split(',').filter(|n| !n.is_empty()) {
+                        let stream = Stream::parse(name)
+                            .ok_or_else(|| QueryError::UnknownStream(name.to_owned()))?;
+                        if !list.contains(&stream) {
+                            list.push(stream);
+                        }
+                    }
+                }
+                "max_rate_hz" => {
+                    let hz = value
+                        .parse::<f64>()
+                        .map_err(|_| QueryError::BadRate(value.to_string()))?;
+                    if max_rate_hz.replace(hz).is_some() {
+                        return Err(QueryError::Repeated("max_rate_hz"));
+                    }
+                }
+                "after" => {
+                    let position = value
+                        .split_once(':')
+                        .and_then(|(run, seq)| Some((run.parse().ok()?, seq.parse().ok()?)))
+                        .map(|(run, seq)| Position { run, seq })
+                        .ok_or_else(|| QueryError::BadAfter(value.to_string()))?;
+                    if after.replace(position).is_some() {
+                        return Err(QueryError::Repeated("after"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(streams) = streams else {
+            return match (max_rate_hz, after) {
+                (Some(_), _) => Err(QueryError::WithoutStreams("max_rate_hz")),
+                (None, Some(_)) => Err(QueryError::WithoutStreams("after")),
+                (None, None) => Ok(None),
+            };
+        };
+        if streams.is_empty() {
+            return Err(QueryError::NoStreams);
+        }
+        let sub = Subscription {
+            streams,
+            max_rate_hz,
+            after,
+        };
+        sub.check()?;
+        Ok(Some(sub))
+    }
+
+    /// These fields as query parameters, the form [`Subscription::from_query`] reads:
+    /// `streams=pageviews,topn&max_rate_hz=4&after=2:5120`.
+    pub fn to_query(&self) -> String {
+        let names: Vec<&str> = self.streams.iter().map(|s| s.as_str()).collect();
+        let mut query = format!("streams={}", names.join(","));
+        if let Some(hz) = self.max_rate_hz {
+            query.push_str(&format!("&max_rate_hz={hz}"));
+        }
+        if let Some(Position { run, seq }) = self.after {
+            query.push_str(&format!("&after={run}:{seq}"));
+        }
+        query
+    }
 }
 
 /// A place in a tenant's output: a result's `run` and `seq`.
@@ -182,11 +311,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             sub,
-            ClientMsg::Subscribe {
+            ClientMsg::Subscribe(Subscription {
                 streams: vec![Stream::PageViews, Stream::TopN],
                 max_rate_hz: Some(4.0),
                 after: None,
-            }
+            })
         );
         let resume: ClientMsg = serde_json::from_str(
             r#"{"type":"subscribe","streams":["totals"],"after":{"run":2,"seq":5120}}"#,
@@ -194,11 +323,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             resume,
-            ClientMsg::Subscribe {
+            ClientMsg::Subscribe(Subscription {
                 streams: vec![Stream::Totals],
                 max_rate_hz: None,
                 after: Some(Position { run: 2, seq: 5120 }),
-            }
+            })
         );
         let unsub: ClientMsg =
             serde_json::from_str(r#"{"type":"unsubscribe","streams":["topn"]}"#).unwrap();
@@ -223,6 +352,91 @@ mod tests {
                 serde_json::from_str::<ClientMsg>(bad).is_err(),
                 "{bad} accepted"
             );
+        }
+    }
+
+    #[test]
+    fn a_subscription_in_the_query_reads_like_the_message() {
+        let from_query = Subscription::from_query(
+            "token=a.b.c&streams=pageviews,topn&streams=topn%2Ctotals&max_rate_hz=4&after=2%3A5120",
+        )
+        .unwrap()
+        .unwrap();
+        let ClientMsg::Subscribe(from_message) = serde_json::from_str(
+            r#"{"type":"subscribe","streams":["pageviews","topn","totals"],"max_rate_hz":4,"after":{"run":2,"seq":5120}}"#,
+        )
+        .unwrap() else {
+            panic!("not a subscribe");
+        };
+        assert_eq!(from_query, from_message);
+        assert_eq!(Subscription::from_query(""), Ok(None));
+        assert_eq!(Subscription::from_query("token=x&v=2"), Ok(None));
+    }
+
+    #[test]
+    fn a_bad_subscription_in_the_query_says_what_is_wrong() {
+        for (query, error) in [
+            (
+                "streams=topn,weather",
+                QueryError::UnknownStream("weather".into()),
+            ),
+            ("streams=", QueryError::NoStreams),
+            ("streams=,", QueryError::NoStreams),
+            ("max_rate_hz=4", QueryError::WithoutStreams("max_rate_hz")),
+            ("after=1:2", QueryError::WithoutStreams("after")),
+            (
+                "streams=topn&max_rate_hz=0",
+                QueryError::BadRate("0".into()),
+            ),
+            (
+                "streams=topn&max_rate_hz=-1",
+                QueryError::BadRate("-1".into()),
+            ),
+            (
+                "streams=topn&max_rate_hz=inf",
+                QueryError::BadRate("inf".into()),
+            ),
+            (
+                "streams=topn&max_rate_hz=fast",
+                QueryError::BadRate("fast".into()),
+            ),
+            (
+                "streams=topn&max_rate_hz=1&max_rate_hz=2",
+                QueryError::Repeated("max_rate_hz"),
+            ),
+            ("streams=topn&after=2", QueryError::BadAfter("2".into())),
+            (
+                "streams=topn&after=2:-1",
+                QueryError::BadAfter("2:-1".into()),
+            ),
+            (
+                "streams=topn&after=1:2&after=1:3",
+                QueryError::Repeated("after"),
+            ),
+        ] {
+            assert_eq!(Subscription::from_query(query), Err(error), "{query}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_subscription_survives_its_query_form(
+            picks in proptest::collection::vec(0..Stream::ALL.len(), 1..8),
+            rate in proptest::option::of(0.001f64..1000.0),
+            after in proptest::option::of((0u64..u64::MAX, 0u64..u64::MAX)),
+        ) {
+            let mut streams: Vec<Stream> = Vec::new();
+            for stream in picks.into_iter().map(|i| Stream::ALL[i]) {
+                if !streams.contains(&stream) {
+                    streams.push(stream);
+                }
+            }
+            let sub = Subscription {
+                streams,
+                max_rate_hz: rate,
+                after: after.map(|(run, seq)| Position { run, seq }),
+            };
+            proptest::prop_assert_eq!(Subscription::from_query(&sub.to_query()), Ok(Some(sub)));
         }
     }
 

@@ -1,8 +1,8 @@
 // One WebSocket to the gateway that reconnects by itself (exponential backoff with full
-// jitter) and subscribes again after every welcome, resuming after the last result it got so
+// jitter) and subscribes in every upgrade request, resuming after the last result it got so
 // nothing reaches the page twice.
 
-import { FINAL_CLOSE, SUBPROTOCOL, type ClientMsg, type Position, type ServerMsg, type Stream } from "./protocol";
+import { FINAL_CLOSE, SUBPROTOCOL, subscriptionQuery, type Position, type ServerMsg, type Stream } from "./protocol";
 
 export type ConnState =
   | { kind: "connecting"; attempt: number }
@@ -47,8 +47,11 @@ export class Connection {
     this.attempt += 1;
     this.opts.onState({ kind: "connecting", attempt: this.attempt });
     const scheme = window.location.protocol === "https:" ? "wss" : "ws";
-    // The token travels as a subprotocol, not in the URL: it stays out of access logs.
-    const socket = new WebSocket(`${scheme}://${window.location.host}/ws`, [
+    // The token travels as a subprotocol, not in the URL: it stays out of access logs. The
+    // subscription is in the URL: the gateway registers the tab with its streams in one
+    // ZooKeeper write and sends the snapshots right after the welcome.
+    const query = subscriptionQuery(this.opts.streams, this.opts.maxRateHz, this.last);
+    const socket = new WebSocket(`${scheme}://${window.location.host}/ws?${query}`, [
       SUBPROTOCOL,
       this.opts.token,
     ]);
@@ -64,12 +67,6 @@ export class Connection {
       }
       if (msg.type === "welcome") {
         this.attempt = 0;
-        this.send({
-          type: "subscribe",
-          streams: this.opts.streams,
-          max_rate_hz: this.opts.maxRateHz,
-          ...(this.last ? { after: this.last } : {}),
-        });
         this.opts.onState({ kind: "live", gateway: msg.gateway, client: msg.client });
       }
       if (msg.type === "result") {
@@ -96,9 +93,5 @@ export class Connection {
       this.opts.onState({ kind: "waiting", retryAt: Date.now() + delay, reason });
       this.timer = window.setTimeout(() => this.open(), delay);
     };
-  }
-
-  private send(msg: ClientMsg): void {
-    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(msg));
   }
 }

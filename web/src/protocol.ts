@@ -65,6 +65,17 @@ export type ClientMsg =
   | { type: "subscribe"; streams: Stream[]; max_rate_hz?: number; after?: Position }
   | { type: "unsubscribe"; streams: Stream[] };
 
+/**
+ * A subscription as query parameters of the upgrade request (`protocol::ws::Subscription::
+ * from_query`): `streams=pageviews,topn&max_rate_hz=4&after=2:5120`.
+ */
+export function subscriptionQuery(streams: Stream[], maxRateHz?: number, after?: Position): string {
+  const params = new URLSearchParams({ streams: streams.join(",") });
+  if (maxRateHz !== undefined) params.set("max_rate_hz", String(maxRateHz));
+  if (after) params.set("after", `${after.run}:${after.seq}`);
+  return params.toString();
+}
+
 /** Close codes (`protocol::ws::CloseCode`) after which reconnecting cannot help. */
 export const FINAL_CLOSE: Record<number, string> = {
   1000: "closed",

@@ -292,9 +292,12 @@ impl Mailbox {
             }
             match next_due {
                 Some(due) => {
+                    // Boxed: only a rate-capped client waits on a timer here, and this future
+                    // is part of every client's (counted in bytes while idle).
+                    let sleep = Box::pin(tokio::time::sleep_until(due.into()));
                     tokio::select! {
                         () = self.signal.wait() => {}
-                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = sleep => {}
                     }
                 }
                 None => self.signal.wait().await,

@@ -30,7 +30,7 @@ use crate::hub::{Hub, Mailbox};
 use crate::ingress::IngressStats;
 
 /// Initial read buffer of a client's WebSocket.
-const READ_BUFFER_BYTES: usize = 512;
+const READ_BUFFER_BYTES: usize = 128;
 
 /// Limits of one gateway.
 #[derive(Debug, Clone)]
@@ -502,8 +502,9 @@ async fn ws_handler(
         subscription,
     });
     // tungstenite's default read buffer (128 KiB) is zero-filled on the first read: resident
-    // memory per idle client. Clients send a few small messages; larger frames (up to the
-    // limit) still get room for their full length when they come.
+    // memory per idle client. Clients send a few small messages (a subscribe is about 60
+    // bytes, a pong 6); larger frames (up to the limit) still get room for their full length
+    // when they come.
     ws.read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_message_size(state.limits.max_frame_bytes)

@@ -332,10 +332,57 @@ impl Mailbox {
     }
 }
 
+/// A set of streams, a bit each: what a client is subscribed to, kept by every client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamSet(u8);
+
+// One bit per stream.
+const _: () = assert!(Stream::ALL.len() <= 8);
+
+impl StreamSet {
+    fn bit(stream: Stream) -> u8 {
+        1 << (stream as u8)
+    }
+
+    pub fn contains(self, stream: Stream) -> bool {
+        self.0 & Self::bit(stream) != 0
+    }
+
+    pub fn insert(&mut self, stream: Stream) {
+        self.0 |= Self::bit(stream);
+    }
+
+    pub fn remove(&mut self, stream: Stream) {
+        self.0 &= !Self::bit(stream);
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The streams in the set, in [`Stream::ALL`]'s order.
+    pub fn to_vec(self) -> Vec<Stream> {
+        Stream::ALL
+            .into_iter()
+            .filter(|&s| self.contains(s))
+            .collect()
+    }
+}
+
+impl FromIterator<Stream> for StreamSet {
+    fn from_iter<I: IntoIterator<Item = Stream>>(streams: I) -> Self {
+        let mut set = StreamSet::default();
+        for s in streams {
+            set.insert(s);
+        }
+        set
+    }
+}
+
 /// A client of the hub: joined while it is connected, subscribed to none or more streams.
 #[derive(Debug)]
 struct Client {
-    streams: Vec<Stream>,
+    streams: StreamSet,
     mailbox: Arc<Mailbox>,
     /// A resuming client's last result: nothing at or before it is sent to it.
     after: Option<Position>,
@@ -413,7 +460,7 @@ impl Hub {
         let live = Outgoing::new(frame.stream, &json, false);
         let now = Instant::now();
         for sub in t.clients.values() {
-            if sub.streams.contains(&frame.stream) && !sub.has(at) {
+            if sub.streams.contains(frame.stream) && !sub.has(at) {
                 let replaced = sub.mailbox.offer_at(live.clone(), now);
                 if replaced {
                     self.stats.conflated.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +483,7 @@ impl Hub {
         t.clients.insert(
             client,
             Client {
-                streams: Vec::new(),
+                streams: StreamSet::default(),
                 mailbox: mailbox.clone(),
                 after: None,
             },
@@ -464,9 +511,7 @@ impl Hub {
             sub.after = after.max(sub.after);
         }
         for &stream in streams {
-            if !sub.streams.contains(&stream) {
-                sub.streams.push(stream);
-            }
+            sub.streams.insert(stream);
             if let Some((at, json)) = t.latest.get(&stream)
                 && !sub.has(*at)
             {
@@ -482,8 +527,8 @@ impl Hub {
             .get_mut(tenant)
             .and_then(|t| t.clients.get_mut(&client))
         {
-            sub.streams.retain(|s| !streams.contains(s));
             for &s in streams {
+                sub.streams.remove(s);
                 sub.mailbox.discard(s);
             }
         }
@@ -589,6 +634,22 @@ mod tests {
             hub.publish(&frame("globex", 1, 1, Stream::TopN, "c")),
             Published::Delivered(0)
         );
+    }
+
+    #[test]
+    fn a_stream_set_holds_each_stream_once_in_a_fixed_order() {
+        let mut set: StreamSet = [Stream::Totals, Stream::TopN, Stream::Totals]
+            .into_iter()
+            .collect();
+        assert_eq!(set.to_vec(), [Stream::TopN, Stream::Totals]);
+        assert!(set.contains(Stream::TopN) && !set.contains(Stream::Window));
+        set.remove(Stream::TopN);
+        set.remove(Stream::Window);
+        assert_eq!(set.to_vec(), [Stream::Totals]);
+        set.remove(Stream::Totals);
+        assert!(set.is_empty());
+        let all: StreamSet = Stream::ALL.into_iter().collect();
+        assert_eq!(all.to_vec(), Stream::ALL);
     }
 
     #[test]

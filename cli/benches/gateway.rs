@@ -790,6 +790,14 @@ async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
         done.push(ws);
     }
     stopper.abort();
+    // Not a figure of the last line, but what a server holds for clients that have had
+    // results (buffers and queues grown to a result's size, kept for the next one).
+    let rss_busy = rss(pid);
+    eprintln!(
+        "{name}: RSS after the fan-out, clients still connected: {:.1} MB, {:.0} B per connection",
+        rss_busy as f64 / 1e6,
+        rss_busy.saturating_sub(rss_before) as f64 / n as f64
+    );
     drop(done);
     eprintln!(
         "{name}: CPU during the fan-out: server {:.1} s, load generator {:.1} s",

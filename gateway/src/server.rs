@@ -768,7 +768,8 @@ fn serve_client(
     subscription: Option<Box<Subscription>>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        // Its place in the connection limits, held until the client is gone.
+        // `admitted` holds the client's place in the connection limits until this future
+        // ends; without one, the gateway is at a limit.
         if admitted.is_none() {
             Box::pin(send_close(&mut socket, CloseCode::OverCapacity)).await;
             return;

@@ -10,10 +10,15 @@
 //!
 //! A browser connects to `GET /ws` with a tenant token (HS256 JWT) in `Sec-WebSocket-Protocol`
 //! or the `token` query parameter; without a valid token it gets HTTP 401 and no socket. It only
-//! ever receives its own tenant's results. Registration in ZooKeeper comes with job control.
+//! ever receives its own tenant's results. With ZooKeeper, the gateway registers itself and
+//! every connected client there (what makes engines run the tenants' jobs).
+//!
+//! `server` is the HTTP side (routes, limits, metrics, the upgrade), `client` one client's
+//! connection after it, `hub` the fan-out, `ingress` the engines' side, `auth` the tokens.
 #![forbid(unsafe_code)]
 
 pub mod auth;
+mod client;
 pub mod hub;
 pub mod ingress;
 pub mod server;

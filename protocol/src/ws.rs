@@ -438,6 +438,14 @@ mod tests {
             };
             proptest::prop_assert_eq!(Subscription::from_query(&sub.to_query()), Ok(Some(sub)));
         }
+
+        #[test]
+        fn any_query_is_read_or_refused_without_a_panic(query in "[a-z_=&,:%0-9A-F.+-]{0,80}") {
+            if let Ok(Some(sub)) = Subscription::from_query(&query) {
+                proptest::prop_assert!(!sub.streams.is_empty());
+                proptest::prop_assert!(sub.check().is_ok());
+            }
+        }
     }
 
     #[test]

@@ -415,11 +415,11 @@ fn token_from(headers: &HeaderMap, query: Option<&str>) -> (Option<String>, bool
     {
         return (Some(t), via_protocol);
     }
+    // Read as the subscription in the same query is (`Subscription::from_query`).
     let from_query = query.and_then(|q| {
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == "token")
-            .map(|(_, v)| v.to_owned())
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
     });
     (from_query, via_protocol)
 }

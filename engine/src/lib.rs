@@ -11,7 +11,8 @@
 //! The operators (`window`, `sessions`, `history`, `watermark`, composed by `pipeline`) are
 //! plain structs without I/O of their own: they are property-tested against a naive oracle and
 //! benchmarked without Kafka. The visitor-history store is injected (on disk in a job, in
-//! memory in tests). `job` is the async wrapper; `control` runs jobs on demand from the
+//! memory in tests). `job` is the async wrapper (`seek` finds where it starts
+//! reading, by the records' event times); `control` runs jobs on demand from the
 //! ZooKeeper registrations (see its module docs) and `links` carries their results to the
 //! gateways over ZeroMQ. `checkpoint` says what a job's checkpoints on `state.<tenant>` are and
 //! how a restore picks one, so any engine can resume any tenant's job exactly.
@@ -28,6 +29,7 @@ pub mod links;
 pub mod output;
 pub mod pipeline;
 pub mod positions;
+mod seek;
 pub mod sessions;
 pub mod watermark;
 pub mod window;

@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long, env = "CLICKPULSE_T0", default_value = "1999-09-28T00:00:00Z")]
     t0: String,
 
-    /// Partitions of each clicks.<tenant> topic created when missing.
+    /// Partitions of each tenant's clicks topic created when missing.
     #[arg(long, env = "CLICKPULSE_PARTITIONS", default_value_t = 3)]
     partitions: i32,
 

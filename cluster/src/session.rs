@@ -398,7 +398,7 @@ impl ZkSession {
 
     /// Creates an ephemeral node owned by this process, kept across session expiry until
     /// [`ZkSession::deregister`]. Registrations made at the same time are written together
-    /// (one `multi` transaction per [`MULTI_MAX`]); a node this session already holds is
+    /// (one `multi` transaction per `MULTI_MAX` nodes); a node this session already holds is
     /// updated instead.
     pub async fn register(&self, path: &str, data: Vec<u8>) -> Result<(), ZkError> {
         self.write(path, data, false).await

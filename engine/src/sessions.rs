@@ -7,7 +7,7 @@
 //! time — so memory is one map entry and one timer per *active* session, and a session's
 //! state is freed the moment it closes.
 //!
-//! The timers are a ring of buckets ([`Timers`]), not a binary heap: every due time lies
+//! The timers are a ring of buckets (`Timers`), not a binary heap: every due time lies
 //! within one gap of the earliest, so a timer is an append to its bucket and a bucket is
 //! sorted once, when it becomes the earliest. (The heap's pops were the operators' largest
 //! cost: about 180 ns each in a 20,000-entry heap, mostly cache misses.)

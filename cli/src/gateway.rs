@@ -68,6 +68,15 @@ pub struct GatewayArgs {
     /// A client heard nothing from (not even a pong) for this many seconds is closed with 4001.
     #[arg(long, env = "CLICKPULSE_IDLE_TIMEOUT", default_value_t = 45.0)]
     idle_timeout: f64,
+    /// Frames (messages, pings, pongs) a client may send a second, on average; a client over
+    /// it is closed with 4003.
+    #[arg(long, env = "CLICKPULSE_CLIENT_MESSAGE_RATE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    client_message_rate: u32,
+    /// Frames a client may send at once, over that rate.
+    #[arg(long, env = "CLICKPULSE_CLIENT_MESSAGE_BURST", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    client_message_burst: u32,
 }
 
 pub(crate) fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -119,6 +128,12 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
         idle_timeout > ping_interval,
         "--idle-timeout ({idle_timeout:?}) must be longer than --ping-interval ({ping_interval:?})"
     );
+    anyhow::ensure!(
+        f64::from(args.client_message_rate) * ping_interval.as_secs_f64() >= 2.0,
+        "--client-message-rate ({}) must allow two frames per --ping-interval ({ping_interval:?}): \
+         the pongs a client answers pings with count",
+        args.client_message_rate
+    );
     let layout = Layout::new(&args.zk_root)?;
     let zookeeper = match args.zookeeper {
         None => None,
@@ -144,6 +159,8 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
             max_connections_per_ip: args.max_connections_per_ip,
             ping_interval,
             idle_timeout,
+            client_messages_per_sec: args.client_message_rate,
+            client_message_burst: args.client_message_burst,
         },
     };
     let running = clickpulse_gateway::start(config, shutdown).await?;

@@ -203,13 +203,41 @@ impl From<&[Right]> for RightSet {
     }
 }
 
-/// When a quiet client is pinged and when it is given up on: pinged every
-/// [`Limits::ping_interval`], closed once nothing (not even a pong) was heard from it for
-/// [`Limits::idle_timeout`]. Both go by one timer, set to [`Keepalive::deadline`].
+/// The gateway's monotonic clock (tokio's, so that tests can pause it) in milliseconds since
+/// the gateway started: a client keeps its times as 8-byte counts, not 16-byte `Instant`s
+/// (idle clients are counted in bytes).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock(tokio::time::Instant);
+
+impl Clock {
+    pub(crate) fn start() -> Clock {
+        Clock(tokio::time::Instant::now())
+    }
+
+    fn now_ms(self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(self, ms: u64) -> tokio::time::Instant {
+        self.0 + Duration::from_millis(ms)
+    }
+}
+
+/// What the gateway keeps of what it hears from a client: when it pings it, when it gives
+/// up on it, and whether it talks too fast.
+///
+/// Pinged every [`Limits::ping_interval`], closed once nothing (not even a pong) was heard
+/// from it for [`Limits::idle_timeout`]; both go by one timer, set to
+/// [`Keepalive::deadline`]. Every frame heard fills a leaky bucket that drains at
+/// [`Limits::client_messages_per_sec`]; one that would fill it past
+/// [`Limits::client_message_burst`] is one too many. Times are [`Clock`] milliseconds.
 #[derive(Debug)]
 struct Keepalive {
-    heard: tokio::time::Instant,
-    next_ping: tokio::time::Instant,
+    heard: u64,
+    next_ping: u64,
+    /// The bucket's level, in thousandths of a frame: a frame adds 1,000, and it drains by
+    /// the rate (frames a second) every millisecond.
+    level: u32,
 }
 
 /// What a client's keepalive timer firing calls for.
@@ -221,32 +249,60 @@ enum Due {
 }
 
 impl Keepalive {
-    fn new(now: tokio::time::Instant, limits: &Limits) -> Keepalive {
+    fn new(now: u64, limits: &Limits) -> Keepalive {
         Keepalive {
             heard: now,
-            next_ping: now + limits.ping_interval,
+            next_ping: now.saturating_add(millis(limits.ping_interval)),
+            level: 0,
         }
     }
 
-    fn heard(&mut self, now: tokio::time::Instant) {
-        self.heard = now;
+    /// A frame was heard at `now`; `false` if it is over the client's message rate.
+    fn heard(&mut self, now: u64, limits: &Limits) -> bool {
+        let drained = now
+            .saturating_sub(self.heard)
+            .saturating_mul(u64::from(limits.client_messages_per_sec));
+        let level = u64::from(self.level).saturating_sub(drained) + 1_000;
+        self.heard = self.heard.max(now);
+        self.level = u32::try_from(level).unwrap_or(u32::MAX);
+        level <= u64::from(limits.client_message_burst) * 1_000
     }
 
     /// When the timer should fire next.
-    fn deadline(&self, limits: &Limits) -> tokio::time::Instant {
-        self.next_ping.min(self.heard + limits.idle_timeout)
+    fn deadline(&self, limits: &Limits) -> u64 {
+        self.next_ping
+            .min(self.heard.saturating_add(millis(limits.idle_timeout)))
     }
 
     /// The timer fired at `now` (it may fire early if it was set before something was heard).
-    fn due(&mut self, now: tokio::time::Instant, limits: &Limits) -> Due {
-        if now >= self.heard + limits.idle_timeout {
+    fn due(&mut self, now: u64, limits: &Limits) -> Due {
+        if now >= self.heard.saturating_add(millis(limits.idle_timeout)) {
             Due::Close
         } else if now >= self.next_ping {
-            self.next_ping = now + limits.ping_interval;
+            self.next_ping = now.saturating_add(millis(limits.ping_interval));
             Due::Ping
         } else {
             Due::Nothing
         }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Sends a reply or a ping, given as long as a result: a client that reads nothing fills its
+/// TCP buffers, and an unbounded send would then hold its task (and connection) for good.
+/// `Err` ends the client: gone (`None`), or slow.
+async fn send_bounded(
+    socket: &mut WebSocket,
+    message: Message,
+    limits: &Limits,
+) -> Result<(), Option<CloseCode>> {
+    match tokio::time::timeout(limits.slow_client_timeout, socket.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(None),
+        Err(_) => Err(Some(CloseCode::SlowConsumer)),
     }
 }
 
@@ -306,8 +362,8 @@ pub(crate) fn serve_client(
         // No per-client polling: an idle client costs one timer, due at its next ping or its
         // idle deadline (thousands of quiet clients must not wake the gateway up many times a
         // second), and a message from it only a clock read.
-        let mut keepalive = Keepalive::new(tokio::time::Instant::now(), &state.limits);
-        let timer = tokio::time::sleep_until(keepalive.deadline(&state.limits));
+        let mut keepalive = Keepalive::new(state.clock.now_ms(), &state.limits);
+        let timer = tokio::time::sleep_until(state.clock.at(keepalive.deadline(&state.limits)));
         tokio::pin!(timer);
         let end = if Box::pin(socket.send(welcome)).await.is_err() {
             None
@@ -338,7 +394,9 @@ pub(crate) fn serve_client(
                         }
                     }
                     incoming = socket.recv() => {
-                        keepalive.heard(tokio::time::Instant::now());
+                        if !keepalive.heard(state.clock.now_ms(), &state.limits) {
+                            break Some(CloseCode::TooManyMessages);
+                        }
                         let reply = match incoming {
                             None | Some(Ok(Message::Close(_))) => break None,
                             Some(Err(e)) => break read_error_close(&e),
@@ -364,23 +422,23 @@ pub(crate) fn serve_client(
                             Some(Ok(_)) => None,
                         };
                         if let Some(reply) = reply
-                            && Box::pin(socket.send(reply)).await.is_err()
+                            && let Err(end) = Box::pin(send_bounded(&mut socket, reply, &state.limits)).await
                         {
-                            break None;
+                            break end;
                         }
                     }
                     () = &mut timer => {
-                        let now = tokio::time::Instant::now();
-                        match keepalive.due(now, &state.limits) {
+                        match keepalive.due(state.clock.now_ms(), &state.limits) {
                             Due::Close => break Some(CloseCode::IdleTimeout),
                             Due::Ping => {
-                                if Box::pin(socket.send(Message::Ping(Default::default()))).await.is_err() {
-                                    break None;
+                                let ping = Message::Ping(Default::default());
+                                if let Err(end) = Box::pin(send_bounded(&mut socket, ping, &state.limits)).await {
+                                    break end;
                                 }
                             }
                             Due::Nothing => {}
                         }
-                        timer.as_mut().reset(keepalive.deadline(&state.limits));
+                        timer.as_mut().reset(state.clock.at(keepalive.deadline(&state.limits)));
                     }
                 }
             }
@@ -400,6 +458,9 @@ pub(crate) fn serve_client(
                 .fetch_add(1, Ordering::Relaxed),
             Some(CloseCode::IdleTimeout) => {
                 state.metrics.idle_closes.fetch_add(1, Ordering::Relaxed)
+            }
+            Some(CloseCode::TooManyMessages) => {
+                state.metrics.flood_closes.fetch_add(1, Ordering::Relaxed)
             }
             _ => 0,
         };
@@ -429,15 +490,15 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// Limits pinging every 20 s, closing after 45 s of silence; and seconds from now.
-    fn pings_at_20_s_idle_at_45_s() -> (Limits, impl Fn(u64) -> tokio::time::Instant) {
+    /// Limits pinging every 20 s, closing after 45 s of silence; and seconds from a clock
+    /// time (in the clock's milliseconds).
+    fn pings_at_20_s_idle_at_45_s() -> (Limits, impl Fn(u64) -> u64) {
         let limits = Limits {
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(45),
             ..Limits::default()
         };
-        let t0 = tokio::time::Instant::now();
-        (limits, move |secs| t0 + Duration::from_secs(secs))
+        (limits, move |secs| 7_000 + 1_000 * secs)
     }
 
     #[test]
@@ -458,11 +519,11 @@ mod tests {
         let (limits, at) = pings_at_20_s_idle_at_45_s();
         let mut k = Keepalive::new(at(0), &limits);
         assert_eq!(k.due(at(20), &limits), Due::Ping);
-        k.heard(at(21)); // the pong
+        assert!(k.heard(at(21), &limits)); // the pong
         assert_eq!(k.due(at(40), &limits), Due::Ping);
         assert_eq!(k.deadline(&limits), at(60));
         // A timer set before a message was heard fires early: nothing to do yet.
-        k.heard(at(59));
+        assert!(k.heard(at(59), &limits));
         assert_eq!(k.due(at(59), &limits), Due::Nothing);
         assert_eq!(k.due(at(60), &limits), Due::Ping);
         assert_eq!(k.deadline(&limits), at(80));
@@ -474,11 +535,52 @@ mod tests {
         assert_eq!(k.due(at(104), &limits), Due::Close);
     }
 
+    /// Limits of 10 frames a second with bursts of 30.
+    fn ten_a_second_thirty_at_once() -> Limits {
+        Limits {
+            client_messages_per_sec: 10,
+            client_message_burst: 30,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn a_burst_is_allowed_and_one_more_at_once_is_too_many() {
+        let limits = ten_a_second_thirty_at_once();
+        let mut k = Keepalive::new(5_000, &limits);
+        for i in 0..30 {
+            assert!(k.heard(5_000, &limits), "frame {i} of the burst");
+        }
+        assert!(!k.heard(5_000, &limits));
+        // 100 ms drain one frame's worth: room for exactly one more.
+        let mut k = Keepalive::new(5_000, &limits);
+        for _ in 0..30 {
+            k.heard(5_000, &limits);
+        }
+        assert!(k.heard(5_100, &limits));
+        assert!(!k.heard(5_100, &limits));
+    }
+
+    #[test]
+    fn the_rate_is_allowed_for_ever_and_a_little_over_it_is_not() {
+        let limits = ten_a_second_thirty_at_once();
+        // Every 100 ms, for an hour.
+        let mut k = Keepalive::new(0, &limits);
+        assert!((1..=36_000).all(|i| k.heard(100 * i, &limits)));
+        // Every 90 ms (11 a second): after the first (1,000 thousandths), each adds 100 more
+        // than drains, and 290 more fit in the 30,000 of a 30-frame burst.
+        let mut k = Keepalive::new(0, &limits);
+        let fitted = (1..=1_000)
+            .take_while(|&i| k.heard(90 * i, &limits))
+            .count();
+        assert_eq!(fitted, 291);
+    }
+
     #[test]
     fn a_clients_future_stays_small() {
-        // Most of an idle client's memory: 1,040 bytes with rustc 1.95 when this was written
+        // Most of an idle client's memory: 1,032 bytes with rustc 1.95 when this was written
         // (as an `async fn` with its awaits unboxed, 2,544). axum's upgrade task adds 240
-        // around it and rounds up to 128: 1,280 bytes a client; a byte more and it is 1,408.
+        // around it and rounds up to 128: 1,280 bytes a client; past 1,040 it is 1,408.
         let size = future_size(serve_client);
         assert!(size <= 1_040, "serve_client's future grew to {size} bytes");
     }

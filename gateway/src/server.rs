@@ -21,7 +21,7 @@ use crate::auth::{AuthError, TokenKey};
 use clickpulse_cluster::{ClusterView, ZkSession};
 use clickpulse_protocol::zk::Layout;
 
-use crate::client::{Viewer, serve_client};
+use crate::client::{Clock, Viewer, serve_client};
 use crate::hub::Hub;
 use crate::ingress::IngressStats;
 
@@ -43,6 +43,12 @@ pub struct Limits {
     pub ping_interval: Duration,
     /// A client heard nothing from (not even a pong) for this long is closed with 4001.
     pub idle_timeout: Duration,
+    /// Frames of any kind (messages, pings, pongs) a client may send a second, on average;
+    /// a client over it is closed with 4003 (each message can be a reply to send or a
+    /// ZooKeeper write, so one client must not make the gateway do them without end).
+    pub client_messages_per_sec: u32,
+    /// How many frames a client may send at once, over that rate.
+    pub client_message_burst: u32,
 }
 
 impl Default for Limits {
@@ -54,6 +60,8 @@ impl Default for Limits {
             max_connections_per_ip: 20_000,
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(45),
+            client_messages_per_sec: 10,
+            client_message_burst: 30,
         }
     }
 }
@@ -69,6 +77,7 @@ pub struct Metrics {
     pub bad_upgrades: AtomicU64,
     pub slow_client_closes: AtomicU64,
     pub idle_closes: AtomicU64,
+    pub flood_closes: AtomicU64,
     pub over_capacity: AtomicU64,
     pub registrations: AtomicU64,
     pub registration_failures: AtomicU64,
@@ -224,6 +233,13 @@ impl AppState {
                 "reason=\"over_capacity\"",
                 get(&m.over_capacity),
             ),
+            (
+                "clickpulse_gateway_closes_total",
+                "counter",
+                "",
+                "reason=\"too_many_messages\"",
+                get(&m.flood_closes),
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, labels, value) in rows {
@@ -252,6 +268,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Where clients are registered; `None` when the gateway runs without ZooKeeper.
     pub registry: Option<Registry>,
+    /// The clock clients keep their times on.
+    pub(crate) clock: Clock,
     next_client: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -282,6 +300,7 @@ impl AppState {
             shutdown,
             registry,
             metrics: Metrics::default(),
+            clock: Clock::start(),
             next_client: AtomicU64::new(1),
             per_ip: Mutex::new(HashMap::new()),
         })

@@ -543,6 +543,102 @@ async fn a_client_that_never_answers_pings_is_closed_for_idleness() {
 }
 
 #[tokio::test]
+async fn a_client_sending_faster_than_the_message_rate_is_closed_with_4003_and_others_are_not() {
+    let (gw, _stop) = gateway(Limits {
+        client_messages_per_sec: 10,
+        client_message_burst: 5,
+        ..Limits::default()
+    })
+    .await;
+    let mut flood = viewer(&gw, "acme").await;
+    let mut calm = viewer(&gw, "acme").await;
+    next_json(&mut flood).await;
+    next_json(&mut calm).await;
+    // A burst's worth at once is fine: the client is still served.
+    for _ in 0..5 {
+        subscribe(&mut calm, r#""topn""#).await;
+    }
+    // A subscription change in a loop would be a ZooKeeper write each; 50 in a row is 45 over.
+    for i in 0..50 {
+        let msg = if i % 2 == 0 {
+            r#"{"type":"subscribe","streams":["sessions"]}"#
+        } else {
+            r#"{"type":"unsubscribe","streams":["sessions"]}"#
+        };
+        if flood.send(Message::Text(msg.into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        close_code(&mut flood).await,
+        Some(CloseCode::TooManyMessages.code())
+    );
+    let mut engine = engine(&gw).await;
+    push(&mut engine, &result("acme", 1, 1, 1)).await;
+    assert_eq!(next_json(&mut calm).await["result"]["seq"], 1);
+    let metrics = gw.state.render_metrics();
+    assert!(
+        metrics.contains("clickpulse_gateway_closes_total{reason=\"too_many_messages\"} 1\n"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_reads_none_of_its_replies_is_cut_off_when_they_fill_its_buffers() {
+    let (gw, _stop) = gateway(Limits {
+        slow_client_timeout: Duration::from_millis(500),
+        client_messages_per_sec: 1_000_000,
+        client_message_burst: 1_000_000,
+        ..Limits::default()
+    })
+    .await;
+    // A small receive buffer, so that the replies fill it soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gw.http_addr).await.unwrap();
+    let url = format!(
+        "ws://{}/ws?token={}",
+        gw.http_addr,
+        token("acme", &[Right::View], 60)
+    );
+    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    // Not JSON, each answered with an error message; nothing is read. Once the gateway is
+    // stuck sending a reply it reads no more either, and these sends block: they stop at
+    // the first that fails (the gateway closed the socket) or when the test has its answer.
+    let writer = tokio::spawn(async move {
+        for _ in 0..2_000_000 {
+            if ws.send(Message::Text("x".into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    let slow_closes = || {
+        gw.state
+            .metrics
+            .slow_client_closes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let start = std::time::Instant::now();
+    while slow_closes() == 0 && start.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    writer.abort();
+    assert_eq!(slow_closes(), 1, "still stuck after {:?}", start.elapsed());
+    // Its place is given back (after the close frame's bounded wait).
+    let connections = || {
+        gw.state
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let start = std::time::Instant::now();
+    while connections() > 0 && start.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(connections(), 0);
+}
+
+#[tokio::test]
 async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
     let (gw, _stop) = gateway(Limits {
         max_connections_per_ip: 2,

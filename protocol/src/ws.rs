@@ -224,16 +224,17 @@ pub enum ServerMsg {
 
 /// WebSocket close codes used by clickpulse, and whether a client should reconnect.
 ///
-/// | code | name            | meaning                                                | reconnect      |
-/// |------|-----------------|--------------------------------------------------------|----------------|
-/// | 1000 | normal          | the client asked to close                              | no             |
-/// | 1001 | going away      | the gateway is shutting down                           | yes, backoff   |
-/// | 1008 | policy          | token expired or rights revoked while connected        | with new token |
-/// | 1009 | too big         | a frame over the gateway's size limit                  | fix the client |
-/// | 1011 | internal error  | the gateway failed while serving this client           | yes, backoff   |
-/// | 4000 | slow consumer   | the client could not keep up for too long              | yes, backoff   |
-/// | 4001 | idle timeout    | no pong within the idle timeout                        | yes            |
-/// | 4002 | over capacity   | connection limits reached                              | yes, backoff   |
+/// | code | name              | meaning                                                  | reconnect      |
+/// |------|-------------------|----------------------------------------------------------|----------------|
+/// | 1000 | normal            | the client asked to close                                | no             |
+/// | 1001 | going away        | the gateway is shutting down                             | yes, backoff   |
+/// | 1008 | policy            | token expired or rights revoked while connected          | with new token |
+/// | 1009 | too big           | a frame over the gateway's size limit                    | fix the client |
+/// | 1011 | internal error    | the gateway failed while serving this client             | yes, backoff   |
+/// | 4000 | slow consumer     | the client could not keep up for too long                | yes, backoff   |
+/// | 4001 | idle timeout      | no pong within the idle timeout                          | yes            |
+/// | 4002 | over capacity     | connection limits reached                                | yes, backoff   |
+/// | 4003 | too many messages | frames (any kind) faster than the gateway's message rate | yes, backoff   |
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u16)]
 pub enum CloseCode {
@@ -245,10 +246,11 @@ pub enum CloseCode {
     SlowConsumer = 4000,
     IdleTimeout = 4001,
     OverCapacity = 4002,
+    TooManyMessages = 4003,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::Policy,
@@ -257,6 +259,7 @@ impl CloseCode {
         CloseCode::SlowConsumer,
         CloseCode::IdleTimeout,
         CloseCode::OverCapacity,
+        CloseCode::TooManyMessages,
     ];
 
     pub fn code(self) -> u16 {
@@ -276,6 +279,7 @@ impl CloseCode {
                 | CloseCode::SlowConsumer
                 | CloseCode::IdleTimeout
                 | CloseCode::OverCapacity
+                | CloseCode::TooManyMessages
         )
     }
 
@@ -290,6 +294,7 @@ impl CloseCode {
             CloseCode::SlowConsumer => "slow consumer",
             CloseCode::IdleTimeout => "idle timeout",
             CloseCode::OverCapacity => "over capacity",
+            CloseCode::TooManyMessages => "too many messages",
         }
     }
 }
@@ -491,6 +496,7 @@ mod tests {
             assert!(!c.reason().is_empty());
         }
         assert!(CloseCode::SlowConsumer.retry_allowed());
+        assert!(CloseCode::TooManyMessages.retry_allowed());
         assert!(!CloseCode::TooBig.retry_allowed());
         assert_eq!(CloseCode::from_code(4999), None);
     }

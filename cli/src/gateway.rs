@@ -77,6 +77,10 @@ pub struct GatewayArgs {
     #[arg(long, env = "CLICKPULSE_CLIENT_MESSAGE_BURST", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     client_message_burst: u32,
+    /// Seconds a connection has to send its request head (its first, or the next one on a
+    /// kept-alive connection) before it is closed.
+    #[arg(long, env = "CLICKPULSE_HEADER_TIMEOUT", default_value_t = 10.0)]
+    header_timeout: f64,
 }
 
 pub(crate) fn seconds(flag: &str, s: f64) -> anyhow::Result<Duration> {
@@ -161,6 +165,7 @@ pub async fn gateway(args: GatewayArgs, shutdown: CancellationToken) -> anyhow::
             idle_timeout,
             client_messages_per_sec: args.client_message_rate,
             client_message_burst: args.client_message_burst,
+            header_read_timeout: seconds("header-timeout", args.header_timeout)?,
         },
     };
     let running = clickpulse_gateway::start(config, shutdown).await?;

@@ -26,7 +26,6 @@ pub mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::serve::ListenerExt;
 use clickpulse_cluster::{ZkConfig, ZkError, ZkSession};
 use clickpulse_protocol::zk::{GatewayInfo, Layout};
 use tokio::net::{TcpListener, TcpSocket};
@@ -186,26 +185,14 @@ pub async fn start(
         ingress_stats,
         shutdown.clone(),
     ));
-    let app = server::router(state.clone(), config.web_dir.as_deref())
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app = server::router(state.clone(), config.web_dir.as_deref());
+    let header_read_timeout = state.limits.header_read_timeout;
     let serve_shutdown = shutdown.clone();
     let id = config.id.clone();
     let task_state = state.clone();
     let task = tokio::spawn(async move {
         tracing::info!(gateway = %id, %http_addr, "gateway listening");
-        // Small pushes back to back (a subscribe's snapshots, one result per stream) must not
-        // wait for the client's delayed ACK (Nagle): no delay, as WebSocket servers do.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "TCP_NODELAY not set");
-            }
-        });
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-            .await
-        {
-            tracing::error!(%error, "http server failed");
-        }
+        server::serve_http(listener, app, header_read_timeout, serve_shutdown).await;
         let _ = ingress_task.await;
         // Upgraded sockets outlive the HTTP server: let their tasks close with 1001 and
         // deregister (bounded), then the gateway's own node goes with its session.

@@ -9,12 +9,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use clickpulse_protocol::auth::Claims;
 use clickpulse_protocol::ws::{QueryError, SUBPROTOCOL, Subscription};
 use clickpulse_protocol::zk::Right;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AuthError, TokenKey};
@@ -49,6 +51,10 @@ pub struct Limits {
     pub client_messages_per_sec: u32,
     /// How many frames a client may send at once, over that rate.
     pub client_message_burst: u32,
+    /// A connection's request head (its first, or the next on a kept-alive connection) must
+    /// arrive within this, or the connection is closed: a socket that sends nothing must not
+    /// hold a task and a file descriptor for good.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -62,6 +68,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(45),
             client_messages_per_sec: 10,
             client_message_burst: 30,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -531,3 +538,78 @@ struct Accepted {
     peer: SocketAddr,
     subscription: Option<Subscription>,
 }
+
+/// Serves HTTP/1.1 and its WebSocket upgrades on `listener` until `shutdown`, then lets the
+/// requests in flight finish (for at most [`DRAIN`]).
+///
+/// Not `axum::serve`: its connections start by reading the first bytes to tell HTTP/2 from
+/// HTTP/1 with no time limit, so a socket that never sent a byte held a task and a file
+/// descriptor for as long as its peer liked (a few thousand such sockets from one host, and
+/// the gateway is out of descriptors). Here every request head must arrive within
+/// [`Limits::header_read_timeout`]. Browsers use HTTP/1.1 for WebSockets over plain TCP.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors (or the like) for a moment: wait, never spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Small pushes back to back (a subscribe's snapshots, one result per stream) must not
+        // wait for the client's delayed ACK (Nagle): no delay, as WebSocket servers do.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            tower_service::Service::call(&mut app.clone(), request)
+        });
+        let connection = http
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "HTTP connection ended");
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(DRAIN, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = connections.len(),
+            "HTTP requests still in flight after {DRAIN:?}; leaving them"
+        );
+    }
+}
+
+/// How long a stopping gateway lets HTTP requests in flight finish.
+const DRAIN: Duration = Duration::from_secs(5);

@@ -639,6 +639,42 @@ async fn a_client_that_reads_none_of_its_replies_is_cut_off_when_they_fill_its_b
 }
 
 #[tokio::test]
+async fn a_connection_that_sends_no_request_in_time_is_closed() {
+    let (gw, _stop) = gateway(Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    })
+    .await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Silent, half a request head, and kept alive after a request: each is closed.
+    let silent = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    half.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    for (name, mut tcp) in [("silent", silent), ("half", half), ("kept", kept)] {
+        let mut read = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut read)).await;
+        assert!(
+            ended.is_ok(),
+            "the {name} connection was still open after 5 s"
+        );
+        if name == "kept" {
+            assert!(read.starts_with(b"HTTP/1.1 200"), "{read:?}");
+        }
+    }
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    // A client that does send its request in time is served.
+    let mut ws = viewer(&gw, "acme").await;
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+}
+
+#[tokio::test]
 async fn connections_over_the_per_ip_limit_are_closed_with_4002() {
     let (gw, _stop) = gateway(Limits {
         max_connections_per_ip: 2,

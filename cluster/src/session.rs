@@ -146,8 +146,8 @@ async fn batch_creations(shared: Arc<Shared>, mut queue: mpsc::Receiver<Creation
 }
 
 /// Writes a batch of registrations in one transaction; when it fails as a whole (a node
-/// exists already or is gone, a parent is missing), each is written on its own, which handles
-/// all of those.
+/// exists already or is gone, a parent is missing, the connection is down), each is written
+/// on its own, which handles all of those: a lost connection is waited out ([`retrying`]).
 async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
     let client = match shared.client() {
         Ok(client) => client,
@@ -192,21 +192,80 @@ async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
             return;
         }
     }
-    let singles = batch.into_iter().map(|c| {
-        let client = client.clone();
-        async move {
-            let result = if c.update {
-                update_ephemeral(&client, &c.path, &c.data).await
-            } else {
-                create_ephemeral(&client, &c.path, &c.data).await
-            };
-            if result.is_ok() {
-                lock(&shared.owned).insert(c.path, c.data);
+    drop(client);
+    let singles = batch.into_iter().map(|c| async move {
+        let result = retrying(shared, &c.path, |client| {
+            let c = &c;
+            async move {
+                if c.update {
+                    update_ephemeral(&client, &c.path, &c.data).await
+                } else {
+                    create_ephemeral(&client, &c.path, &c.data).await
+                }
             }
-            let _ = c.done.send(result);
+        })
+        .await;
+        if result.is_ok() {
+            lock(&shared.owned).insert(c.path, c.data);
         }
+        let _ = c.done.send(result);
     });
     futures_util::future::join_all(singles).await;
+}
+
+/// Whether a request failed only because the connection or the session was lost: it may or
+/// may not have been applied, and every write here is idempotent, so it is sent again once
+/// the client is connected (or replaced after an expiry).
+fn transient(error: &ZkError) -> bool {
+    matches!(
+        error,
+        ZkError::Op {
+            error: zk::Error::ConnectionLoss
+                | zk::Error::SessionExpired
+                | zk::Error::Timeout
+                | zk::Error::Throttled,
+            ..
+        }
+    )
+}
+
+/// Runs `write` on the session's current client until it succeeds or fails for good. A
+/// transient failure ([`transient`]: a server restart, a leader election, an expiry being
+/// recovered from) is retried with backoff for up to three session timeouts and ten seconds
+/// more (a server restart plus a new session's connection backoff), so a client that
+/// connects while ZooKeeper is briefly away is registered late rather than turned away.
+async fn retrying<F, Fut>(shared: &Shared, path: &str, mut write: F) -> Result<(), ZkError>
+where
+    F: FnMut(zk::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ZkError>>,
+{
+    let started = Instant::now();
+    let limit = shared.config.session_timeout * 3 + Duration::from_secs(10);
+    let mut backoff = Duration::from_millis(50);
+    let mut said = false;
+    loop {
+        let error = match write(shared.client()?).await {
+            Err(error) if transient(&error) => error,
+            other => {
+                if said && other.is_ok() {
+                    tracing::info!(%path, waited = ?started.elapsed(), "zookeeper write went through after the connection came back");
+                }
+                return other;
+            }
+        };
+        if started.elapsed() + backoff >= limit || shared.stop.is_cancelled() {
+            return Err(error);
+        }
+        if !said {
+            tracing::warn!(%path, %error, "zookeeper write failed while the connection is down; retrying");
+            said = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shared.stop.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
 }
 
 impl std::fmt::Debug for ZkSession {
@@ -462,10 +521,13 @@ impl ZkSession {
     /// Deletes a node this process registered; it is not recreated any more.
     pub async fn deregister(&self, path: &str) -> Result<(), ZkError> {
         lock(&self.shared.owned).remove(path);
-        match self.client()?.delete(path, None).await {
-            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-            Err(e) => Err(op("delete", path)(e)),
-        }
+        retrying(&self.shared, path, |client| async move {
+            match client.delete(path, None).await {
+                Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+                Err(e) => Err(op("delete", path)(e)),
+            }
+        })
+        .await
     }
 
     /// Paths this process owns.

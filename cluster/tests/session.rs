@@ -1,5 +1,6 @@
 //! The session layer on a real ZooKeeper: registrations live with the session, come back after
-//! it expires, survive a server restart, and a storm of them is pipelined.
+//! it expires, survive a server restart (writes made while it is away land when it is back),
+//! and a storm of them is pipelined.
 #![allow(clippy::unwrap_used)] // a failed unwrap in a test helper is that test failing
 
 use std::time::{Duration, Instant};
@@ -123,6 +124,61 @@ async fn a_zookeeper_restart_is_survived_without_manual_action() {
         .register(&format!("{root}/engines/e-2"), vec![])
         .await
         .unwrap();
+    session.close().await;
+}
+
+#[tokio::test]
+async fn writes_made_while_zookeeper_is_down_land_when_it_is_back() {
+    let mut zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = std::sync::Arc::new(
+        ZkSession::connect(config(&zk), &CancellationToken::new())
+            .await
+            .unwrap(),
+    );
+    let leaving = format!("{root}/tenants/acme/clients/gw-1.c-1");
+    let arriving = format!("{root}/tenants/acme/clients/gw-1.c-2");
+    session.register(&leaving, b"a".to_vec()).await.unwrap();
+
+    // A client connects and another leaves while the server is away, after the client library
+    // has given the session up for expired (it could not reconnect within the session
+    // timeout) and before a new session is open: neither write may be given up on (the one
+    // would never start its job, the other would keep a job running).
+    zk.kill();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            session.client().unwrap().state() == zk::SessionState::Expired
+        })
+        .await,
+        "the client library did not give the session up"
+    );
+    let writes = {
+        let (session, leaving, arriving) = (session.clone(), leaving.clone(), arriving.clone());
+        tokio::spawn(async move {
+            let registered = session.register(&arriving, b"b".to_vec()).await;
+            let deregistered = session.deregister(&leaving).await;
+            (registered, deregistered)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !writes.is_finished(),
+        "a write failed at once: {:?}",
+        writes.await
+    );
+    zk.restart().unwrap();
+    let (registered, deregistered) = tokio::time::timeout(Duration::from_secs(20), writes)
+        .await
+        .expect("the writes are still waiting after the server came back")
+        .unwrap();
+    registered.unwrap();
+    deregistered.unwrap();
+
+    let look = observer(&zk).await;
+    let (data, stat) = look.get_data(&arriving).await.unwrap();
+    assert_eq!(data, b"b");
+    assert_eq!(stat.ephemeral_owner, session.session_id().unwrap());
+    assert!(look.check_stat(&leaving).await.unwrap().is_none());
     session.close().await;
 }
 

@@ -260,11 +260,7 @@ where
             tracing::warn!(%path, %error, "zookeeper write failed while the connection is down; retrying");
             said = true;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shared.stop.cancelled() => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_millis(500));
+        back_off(&mut backoff, Duration::from_millis(500), &shared.stop).await;
     }
 }
 
@@ -319,12 +315,19 @@ async fn connect_with_retries(
             });
         }
         tracing::warn!(connect = %config.connect, attempts, error = %last, "zookeeper not reachable yet");
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.cancelled() => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        back_off(&mut backoff, Duration::from_secs(5), stop).await;
     }
+}
+
+/// Sleeps `backoff`, cut short when `stop` is cancelled, then doubles it up to `cap`. Returns
+/// whether it slept the whole time.
+async fn back_off(backoff: &mut Duration, cap: Duration, stop: &CancellationToken) -> bool {
+    let slept = tokio::select! {
+        _ = tokio::time::sleep(*backoff) => true,
+        _ = stop.cancelled() => false,
+    };
+    *backoff = (*backoff * 2).min(cap);
+    slept
 }
 
 /// Creates `path` as an ephemeral node of `client`'s session, creating missing persistent
@@ -595,11 +598,9 @@ async fn recreate(shared: &Shared, client: &zk::Client) {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "recreating registrations; retrying");
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shared.stop.cancelled() => return,
+        if !back_off(&mut backoff, Duration::from_secs(5), &shared.stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

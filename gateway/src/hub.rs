@@ -1,14 +1,16 @@
-//! Fan-out of results to clients: ordering per tenant, a last-value cache per tenant stream,
-//! and one conflating mailbox per client.
+//! Fan-out of results to clients: ordering per tenant, a cache of recent results per tenant
+//! stream, and one conflating mailbox per client.
 //!
 //! ```text
 //!  ResultFrame ─▶ Hub::publish ─▶ older epoch, or (run, seq) already seen? ─▶ dropped (counted)
 //!                     │
-//!                     ├─▶ latest[tenant][stream] = json        (snapshot for new subscribers)
+//!                     ├─▶ cache[tenant][stream] += result     (snapshots for new subscribers:
+//!                     │                                        the latest, or a series' newest
+//!                     │                                        SERIES_KEPT, of the current run)
 //!                     └─▶ for each subscriber of (tenant, stream): Mailbox::offer
 //!                              a bounded queue per stream: a newer result replaces an
 //!                              unsent older one (conflation; a series keeps its newest
-//!                              SERIES_UNSENT), so a slow client gets fewer, fresher
+//!                              SERIES_KEPT), so a slow client gets fewer, fresher
 //!                              results and its memory stays bounded
 //! ```
 
@@ -20,13 +22,20 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::results::{Admit, Order, Stream};
-use clickpulse_protocol::ws::{Position, SERIES_UNSENT};
+use clickpulse_protocol::ws::{Position, SERIES_KEPT};
 use clickpulse_protocol::zmq::ResultFrame;
 use futures_util::task::AtomicWaker;
 use rustc_hash::FxHashMap;
 
 /// Capacity up to which an emptied stream queue is kept for the next message.
 const KEPT_CAPACITY: usize = 4;
+
+/// How long a tenant nobody watches keeps its series' recent results (for a page reload, a
+/// reconnect) before they are trimmed to the latest one: every tenant a gateway has served
+/// would otherwise hold up to [`SERIES_KEPT`] results per series for good.
+const UNWATCHED_HISTORY: Duration = Duration::from_secs(60);
+/// How often the hub looks for such tenants (on its next call after that long).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// What became of a published frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,11 +128,13 @@ impl Slots {
 struct Slots {
     /// Streams with something pending, the one waiting longest first.
     order: VecDeque<Stream>,
-    /// Unsent messages per stream, oldest first: one at most, or [`SERIES_UNSENT`] for a
+    /// Unsent messages per stream, oldest first: one at most, or [`SERIES_KEPT`] for a
     /// series ([`Stream::is_series`]); an emptied queue stays for the stream's next message
     /// unless a burst grew it past [`KEPT_CAPACITY`]. A list looked through, not a map: a
     /// client has a few streams, and every client that has had a result keeps it (a map's
     /// smallest table was 192 bytes, this is 48 a stream).
+    /// A client that falls behind holds at most 2 × [`SERIES_KEPT`] + 3 [`Outgoing`]s of 40
+    /// bytes here (24 KB; the texts are shared with every other client).
     pending: Vec<(Stream, VecDeque<Outgoing>)>,
     /// Since when messages have been pending without one being taken: how long the client
     /// has made no progress.
@@ -139,7 +150,7 @@ struct Slots {
 }
 
 /// A client's outgoing queue: at most one pending message per stream, or the newest
-/// [`SERIES_UNSENT`] of a series (so a bounded number in all); streams are served in turn.
+/// [`SERIES_KEPT`] of a series (so a bounded number in all); streams are served in turn.
 #[derive(Debug, Default)]
 pub struct Mailbox {
     slots: Mutex<Slots>,
@@ -214,7 +225,7 @@ impl Mailbox {
             s.backlog_since = Some(now);
         }
         let stream = msg.stream;
-        let keep = if stream.is_series() { SERIES_UNSENT } else { 1 };
+        let keep = if stream.is_series() { SERIES_KEPT } else { 1 };
         let queue = s.queue_or_new(stream);
         let was_empty = queue.is_empty();
         let replaced = queue.len() >= keep;
@@ -292,7 +303,7 @@ impl Mailbox {
             s.order.push_back(stream);
         } else if grown {
             // A burst's queue goes: kept, every client that had one would hold its size
-            // (up to SERIES_UNSENT results) while idle again.
+            // (up to SERIES_KEPT results) while idle again.
             s.remove_queue(stream);
         }
         // Otherwise an emptied queue stays, allocated, for the stream's next message:
@@ -429,17 +440,86 @@ impl Client {
 struct TenantState {
     /// The newest epoch heard from and the last `(run, seq)` accepted.
     order: Order,
-    latest: FxHashMap<Stream, (Position, Arc<str>)>,
+    /// Results of the current run kept for new subscribers, oldest first, as snapshot texts.
+    cache: Cache,
+    /// Since when the tenant has had no clients, as the last sweep saw it.
+    unwatched_since: Option<Instant>,
     /// Every connected client of the tenant, by id (the gateway's own numbers: no hash
     /// flooding to fear, here or in the per-stream maps).
     clients: FxHashMap<u64, Client>,
 }
 
+/// A tenant's recent results, the snapshots a subscriber gets: of the run of the newest
+/// result only (runs only grow), the latest of each stream and the newest [`SERIES_KEPT`] of a
+/// series.
 #[derive(Debug, Default)]
+struct Cache {
+    run: u64,
+    streams: FxHashMap<Stream, VecDeque<(Position, Utf8Bytes)>>,
+}
+
+impl Cache {
+    fn keep(&mut self, stream: Stream, at: Position, json: &str) {
+        if at.run != self.run {
+            // A job started afresh: the last one's results are not what the tenant shows now.
+            self.streams.clear();
+            self.run = at.run;
+        }
+        let kept = self.streams.entry(stream).or_default();
+        if kept.len() >= if stream.is_series() { SERIES_KEPT } else { 1 } {
+            kept.pop_front();
+        }
+        kept.push_back((at, Outgoing::new(stream, json, true).text));
+    }
+
+    /// Trims each series to its latest result, and gives the memory back.
+    fn trim(&mut self) {
+        for kept in self.streams.values_mut() {
+            let surplus = kept.len().saturating_sub(1);
+            kept.drain(..surplus);
+            kept.shrink_to_fit();
+        }
+    }
+}
+
+#[derive(Debug)]
 struct Tenants {
     by_name: HashMap<Tenant, TenantState>,
     /// Set by [`Hub::shut_down`]: a client joining later is shut down at once.
     shutting_down: bool,
+    last_sweep: Instant,
+}
+
+impl Default for Tenants {
+    fn default() -> Self {
+        Tenants {
+            by_name: HashMap::new(),
+            shutting_down: false,
+            last_sweep: Instant::now(),
+        }
+    }
+}
+
+impl Tenants {
+    /// Trims the cache of every tenant that has had no clients for [`UNWATCHED_HISTORY`];
+    /// at most once per [`SWEEP_EVERY`], so that it costs nothing per call. A tenant counts as
+    /// unwatched from the first sweep that finds it so.
+    fn sweep(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_sweep) < SWEEP_EVERY {
+            return;
+        }
+        self.last_sweep = now;
+        for t in self.by_name.values_mut() {
+            if !t.clients.is_empty() {
+                t.unwatched_since = None;
+                continue;
+            }
+            let since = *t.unwatched_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= UNWATCHED_HISTORY {
+                t.cache.trim();
+            }
+        }
+    }
 }
 
 /// Counters of the hub, for metrics.
@@ -485,8 +565,8 @@ impl Hub {
             run: frame.run,
             seq: frame.seq,
         };
-        let json: Arc<str> = String::from_utf8_lossy(&frame.json).into();
-        t.latest.insert(frame.stream, (at, json.clone()));
+        let json = String::from_utf8_lossy(&frame.json);
+        t.cache.keep(frame.stream, at, &json);
         let mut delivered = 0;
         let live = Outgoing::new(frame.stream, &json, false);
         let now = Instant::now();
@@ -500,6 +580,7 @@ impl Hub {
             }
         }
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        tenants.sweep(now);
         Published::Delivered(delivered)
     }
 
@@ -521,9 +602,9 @@ impl Hub {
         );
     }
 
-    /// Adds streams to a joined client's subscription and queues the latest result of each
-    /// at once; `after` (a resuming client's last result) holds back everything up to it.
-    /// A client that has not joined (or has left) is ignored.
+    /// Adds streams to a joined client's subscription and queues their snapshots at once
+    /// (see [`Cache`]); `after` (a resuming client's last result) holds back everything up to
+    /// it. A client that has not joined (or has left) is ignored.
     pub fn subscribe(
         &self,
         tenant: &Tenant,
@@ -543,10 +624,13 @@ impl Hub {
         }
         for &stream in streams {
             sub.streams.insert(stream);
-            if let Some((at, json)) = t.latest.get(&stream)
-                && !sub.has(*at)
-            {
-                sub.mailbox.offer(Outgoing::new(stream, json, true));
+            for (at, text) in t.cache.streams.get(&stream).into_iter().flatten() {
+                if !sub.has(*at) {
+                    sub.mailbox.offer(Outgoing {
+                        stream,
+                        text: text.clone(),
+                    });
+                }
             }
         }
     }
@@ -571,6 +655,7 @@ impl Hub {
         if let Some(t) = tenants.by_name.get_mut(tenant) {
             t.clients.remove(&client);
         }
+        tenants.sweep(Instant::now());
     }
 
     /// Shuts down every client's mailbox, and those of clients joining from now on: each
@@ -709,6 +794,148 @@ mod tests {
         assert_eq!(mailbox.take(), None);
     }
 
+    /// Everything in a mailbox, as (stream, JSON, snapshot).
+    fn drain(mailbox: &Mailbox) -> Vec<(Stream, String, bool)> {
+        std::iter::from_fn(|| mailbox.take())
+            .map(|m| {
+                let (json, snapshot) = m.result();
+                (m.stream, json.to_owned(), snapshot)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_subscriber_gets_a_series_newest_results_and_the_latest_of_the_rest() {
+        let hub = Hub::new();
+        let acme = Tenant::new("acme").unwrap();
+        let total = SERIES_KEPT + 25;
+        for seq in 1..=total {
+            hub.publish(&frame(
+                "acme",
+                1,
+                seq as u64,
+                Stream::PageViews,
+                &format!("tick {seq}"),
+            ));
+        }
+        hub.publish(&frame("acme", 1, 1_000, Stream::TopN, "top 1"));
+        hub.publish(&frame("acme", 1, 1_001, Stream::TopN, "top 2"));
+        let mailbox = Mailbox::new();
+        hub.join(&acme, 7, &mailbox);
+        hub.subscribe(&acme, 7, &[Stream::PageViews, Stream::TopN], None);
+        let got = drain(&mailbox);
+        let ticks: Vec<&str> = got
+            .iter()
+            .filter(|(s, _, snapshot)| *s == Stream::PageViews && *snapshot)
+            .map(|(_, json, _)| json.as_str())
+            .collect();
+        let expected: Vec<String> = (26..=total).map(|seq| format!("tick {seq}")).collect();
+        assert_eq!(
+            ticks, expected,
+            "the newest {SERIES_KEPT} ticks, oldest first"
+        );
+        let tops: Vec<_> = got.iter().filter(|(s, ..)| *s == Stream::TopN).collect();
+        assert_eq!(tops, [&(Stream::TopN, "top 2".to_owned(), true)]);
+        assert_eq!(got.len(), SERIES_KEPT + 1);
+        assert_eq!(
+            std::mem::size_of::<Outgoing>(),
+            40,
+            "the bound in `Slots::pending`'s doc"
+        );
+        // A client reconnecting after tick 320 gets the five it missed, and nothing twice.
+        let back = Mailbox::new();
+        hub.join(&acme, 8, &back);
+        let after = Some(Position { run: 1, seq: 320 });
+        hub.subscribe(&acme, 8, &[Stream::PageViews], after);
+        let missed: Vec<String> = drain(&back).into_iter().map(|(_, json, _)| json).collect();
+        assert_eq!(
+            missed,
+            (321..=total)
+                .map(|seq| format!("tick {seq}"))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_job_started_afresh_replaces_what_the_last_one_left() {
+        let hub = Hub::new();
+        let acme = Tenant::new("acme").unwrap();
+        for seq in 1..=3 {
+            hub.publish(&in_run("acme", 1, 1, seq, Stream::PageViews, "run 1 tick"));
+        }
+        hub.publish(&in_run("acme", 1, 1, 4, Stream::TopN, "run 1 top"));
+        // A takeover continues the run: its results join the cache.
+        hub.publish(&in_run(
+            "acme",
+            2,
+            1,
+            5,
+            Stream::PageViews,
+            "run 1 tick, new owner",
+        ));
+        let mailbox = Mailbox::new();
+        hub.join(&acme, 1, &mailbox);
+        hub.subscribe(&acme, 1, &[Stream::PageViews, Stream::TopN], None);
+        assert_eq!(drain(&mailbox).len(), 5);
+        // The job stopped; the next viewer's job starts a new run.
+        hub.publish(&in_run("acme", 3, 3, 1, Stream::PageViews, "run 3 tick"));
+        let mailbox = Mailbox::new();
+        hub.join(&acme, 2, &mailbox);
+        hub.subscribe(&acme, 2, &[Stream::PageViews, Stream::TopN], None);
+        assert_eq!(
+            drain(&mailbox),
+            [(Stream::PageViews, "run 3 tick".to_owned(), true)],
+            "nothing of run 1, not even its top-N"
+        );
+    }
+
+    #[test]
+    fn an_unwatched_tenant_keeps_its_series_for_a_while_then_only_the_latest() {
+        let hub = Hub::new();
+        let acme = Tenant::new("acme").unwrap();
+        let mailbox = Mailbox::new();
+        hub.join(&acme, 1, &mailbox);
+        for seq in 1..=10 {
+            hub.publish(&frame(
+                "acme",
+                1,
+                seq,
+                Stream::PageViews,
+                &format!("tick {seq}"),
+            ));
+        }
+        hub.publish(&frame("acme", 1, 11, Stream::TopN, "top"));
+        hub.remove(&acme, 1);
+        let kept = |hub: &Hub| {
+            let tenants = lock(&hub.tenants);
+            let cache = &tenants.by_name[&acme].cache;
+            (
+                cache.streams[&Stream::PageViews].len(),
+                cache.streams[&Stream::TopN].len(),
+            )
+        };
+        let start = Instant::now() + SWEEP_EVERY;
+        let sweep = |hub: &Hub, after: Duration| lock(&hub.tenants).sweep(start + after);
+        sweep(&hub, Duration::ZERO);
+        sweep(&hub, UNWATCHED_HISTORY - SWEEP_EVERY);
+        assert_eq!(
+            kept(&hub),
+            (10, 1),
+            "a reload soon after still gets the chart"
+        );
+        sweep(&hub, UNWATCHED_HISTORY);
+        assert_eq!(kept(&hub), (1, 1));
+        // A watched tenant is never trimmed.
+        let mailbox = Mailbox::new();
+        hub.join(&acme, 2, &mailbox);
+        for seq in 12..=20 {
+            hub.publish(&frame("acme", 1, seq, Stream::PageViews, "tick"));
+        }
+        sweep(&hub, UNWATCHED_HISTORY * 3);
+        sweep(&hub, UNWATCHED_HISTORY * 5);
+        assert_eq!(kept(&hub), (10, 1));
+    }
+
     #[test]
     fn shutdown_reaches_every_client_and_those_joining_after_it() {
         let hub = Hub::new();
@@ -809,7 +1036,7 @@ mod tests {
         let mailbox = Mailbox::new();
         let series = Stream::PageViews;
         assert!(series.is_series());
-        for i in 0..SERIES_UNSENT {
+        for i in 0..SERIES_KEPT {
             mailbox.offer(Outgoing::new(series, &format!("{i}"), false));
         }
         while mailbox.take().is_some() {}
@@ -830,7 +1057,7 @@ mod tests {
     #[test]
     fn a_series_keeps_its_newest_unsent_results_and_streams_take_turns() {
         let mailbox = Mailbox::new();
-        let total = SERIES_UNSENT + 10;
+        let total = SERIES_KEPT + 10;
         for i in 0..total {
             mailbox.offer(Outgoing::new(Stream::PageViews, &format!("{i}"), false));
         }

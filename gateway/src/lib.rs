@@ -3,9 +3,9 @@
 //! ```text
 //!  engines ──ZeroMQ PUSH (result frames)──▶ ingress (PULL) ──▶ Hub ──▶ Mailbox per client ──▶ /ws
 //!                                                              │ dedupe (epoch, seq)        (conflating,
-//!                                                              │ latest value per stream     one message
-//!                                                              ▼                             per stream)
-//!                                                     snapshot on subscribe
+//!                                                              │ recent results per stream   one message
+//!                                                              ▼ (current run)               per stream,
+//!                                                     snapshots on subscribe                 a series' 300)
 //! ```
 //!
 //! A browser connects to `GET /ws` with a tenant token (HS256 JWT) in `Sec-WebSocket-Protocol`

@@ -19,14 +19,20 @@
 //! {"type":"error","code":"bad_message","message":"expected a JSON object with a \"type\""}
 //! ```
 //!
-//! On `subscribe`, the latest result of each stream is sent at once with `"snapshot": true`,
-//! then live results with `"snapshot": false`. `max_rate_hz` caps how often one stream is sent
-//! to this client. A client that falls behind gets conflated results: of a stream whose results
-//! supersede each other (`window`, `topn`, `totals`) only the newest unsent one is kept; of a
-//! series (`pageviews`, `sessions`, see [`Stream::is_series`]) the newest
-//! [`SERIES_UNSENT`] are, so a burst (a job catching up) reaches a chart whole. `after` resumes a
-//! client that reconnects: nothing at or before that `(run, seq)` (see [`crate::results`]) is
-//! sent to it, snapshots included, so a result reaches it at most once across reconnects.
+//! On `subscribe`, the snapshots are sent at once with `"snapshot": true`, then live results
+//! with `"snapshot": false`. A snapshot is the latest result of each stream whose results
+//! supersede each other (`window`, `topn`, `totals`), and the newest [`SERIES_KEPT`] of a
+//! series (`pageviews`, `sessions`, see [`Stream::is_series`]), oldest first: a chart opened
+//! while the job runs starts full, not empty. Snapshots only ever come from the tenant's
+//! current run (see [`crate::results`]): once a job started afresh has sent a result, what the
+//! job before it left behind is not sent again.
+//!
+//! `max_rate_hz` caps how often one stream is sent to this client. A client that falls behind
+//! gets conflated results: of a stream whose results supersede each other only the newest
+//! unsent one is kept; of a series the newest [`SERIES_KEPT`] are, so a burst (a job catching
+//! up on its first window) reaches a chart whole. `after` resumes a client that reconnects:
+//! nothing at or before that `(run, seq)` is sent to it, snapshots included, so a result
+//! reaches it at most once across reconnects, and a reconnect fills in what it missed.
 //!
 //! A client may also subscribe in the upgrade request itself, with the same fields as query
 //! parameters (see [`Subscription::from_query`]):
@@ -45,8 +51,11 @@ use serde::{Deserialize, Serialize};
 use crate::results::{ResultMsg, Stream};
 use crate::tenant::Tenant;
 
-/// Unsent results of a series stream a gateway keeps per client before it drops the oldest.
-pub const SERIES_UNSENT: usize = 64;
+/// Results of a series stream a gateway keeps: per tenant, the newest of the current run, sent
+/// as snapshots; per client, the unsent ones, before it drops the oldest. 300 is one sliding
+/// window (5 min) of 1-second `pageviews` ticks, what a job's first window emits at once and
+/// what the dashboard charts.
+pub const SERIES_KEPT: usize = 300;
 
 /// A message from a browser.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

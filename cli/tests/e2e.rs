@@ -188,13 +188,27 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
     }
     go().unwrap();
 
-    // 2. Each tab only ever received its own tenant's results.
+    // 2. A second tab opened while the job runs gets the first one's chart at once: the
+    //    recent page-view ticks come as snapshots (one, the latest, before they were kept).
+    let tabs = event(&events, "second-tab", Duration::from_secs(60), &log);
+    let count = |tab: &str, what: &str| tabs[tab][what].as_u64().unwrap();
+    let first = count("first", "points");
+    assert!(
+        first >= 50,
+        "the first tab's chart is too short to compare: {tabs}"
+    );
+    assert!(
+        count("second", "snapshots") + 10 >= first && count("second", "points") + 10 >= first,
+        "the second tab did not start with the first one's chart: {tabs}"
+    );
+
+    // 3. Each tab only ever received its own tenant's results.
     let tabs = event(&events, "globex", Duration::from_secs(90), &log);
     assert_eq!(tabs["tenant"], "globex");
     assert_eq!(tabs["globexSaw"], "globex");
     assert_eq!(tabs["acmeSaw"], "acme");
 
-    // 3. The ops view shows both jobs running, owned by the engine.
+    // 4. The ops view shows both jobs running, owned by the engine.
     let ops = event(&events, "ops", Duration::from_secs(60), &log);
     let rows = ops["jobs"].as_array().unwrap();
     let acme_row = rows.iter().find(|r| r[0] == "acme").expect("an acme row");
@@ -202,7 +216,7 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
     assert_eq!(acme_row[2], "engine-e2e");
     go().unwrap();
 
-    // 4. All acme tabs closed: the job stops after the linger; globex's goes on.
+    // 5. All acme tabs closed: the job stops after the linger; globex's goes on.
     let stopped = event(&events, "acme-stopped", Duration::from_secs(90), &log);
     assert!(
         stopped["after_ms"].as_u64().unwrap() >= 2_000,

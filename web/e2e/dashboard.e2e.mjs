@@ -105,7 +105,18 @@ try {
   const acmeTenant = await acme.$eval(testid("tenant"), (e) => e.textContent);
   await checkpoint("acme", { samples, tokenInUrl, overflow, tenant: acmeTenant });
 
-  // 2. globex in a second tab sees only globex; acme's tab still only acme.
+  // 2. A second acme tab, opened while the job runs, starts with the chart the first one has
+  //    (the gateway sends the recent ticks as snapshots), not with one point.
+  const acme2 = await open(`${base}/?token=${env("CLICKPULSE_E2E_ACME")}`, "acme-2");
+  await acme2.waitForSelector(`${testid("connection")}[data-state="live"]`, { timeout: 30_000 });
+  await acme2.waitForTimeout(3000);
+  const chartOf = (page) =>
+    page.$eval(testid("chart-pageviews"), (e) => ({ points: Number(e.dataset.points), snapshots: Number(e.dataset.snapshots) }));
+  const [first, second] = [await chartOf(acme), await chartOf(acme2)];
+  await acme2.close();
+  report("second-tab", { first, second });
+
+  // 3. globex in another tab sees only globex; acme's tab still only acme.
   const globex = await open(`${base}/?token=${env("CLICKPULSE_E2E_GLOBEX")}`, "globex");
   await waitFilled(globex);
   await globex.waitForTimeout(1000);
@@ -116,7 +127,7 @@ try {
     acmeSaw: await seen(acme),
   });
 
-  // 3. The ops view shows both jobs running.
+  // 4. The ops view shows both jobs running.
   const ops = await open(`${base}/?view=ops&token=${env("CLICKPULSE_E2E_ADMIN")}`, "ops");
   await ops.waitForSelector(`${testid("job-acme")}[data-state="running"]`, { timeout: 30_000 });
   await ops.waitForSelector(`${testid("job-globex")}[data-state="running"]`, { timeout: 30_000 });
@@ -126,7 +137,7 @@ try {
   );
   await checkpoint("ops", { jobs });
 
-  // 4. Close every acme tab: the ops view sees the job linger, then stop.
+  // 5. Close every acme tab: the ops view sees the job linger, then stop.
   await acme.close();
   const closed = Date.now();
   await ops.waitForSelector(`${testid("job-acme")}[data-state="idle"]`, { timeout: 60_000 });

@@ -12,8 +12,11 @@ const HISTORY = 300;
 const RENDER_INTERVAL_MS = 250;
 /**
  * Asked of the gateway, per stream. Rendering is capped above, so this only bounds messages:
- * high enough that a replay at up to 200x still delivers every 1-second page-view tick (the
- * chart shows a break where the gateway conflated ticks away, e.g. during a job's backfill).
+ * high enough that a replay at up to 200x still delivers every 1-second page-view tick. The
+ * gateway keeps a window of a series' ticks per client (`protocol::ws::SERIES_KEPT`), so a
+ * job's first window, or the snapshots of a chart opened while the job runs, arrive whole
+ * (300 ticks in 1.5 s at this rate); the chart shows a break only where a slow link made
+ * the gateway conflate ticks away.
  */
 const MAX_RATE_HZ = 200;
 
@@ -40,7 +43,11 @@ class State {
   totals: Totals | null = null;
   watermark: number | null = null;
   epoch = 0;
+  /** The run shown (`protocol::results`): a job started afresh begins a new one. */
+  run = 0;
   received = 0;
+  /** Page-view ticks that came as snapshots (the chart a tab opens with). */
+  tickSnapshots = 0;
   tenantsSeen = new Set<string>();
   dirty = true;
 
@@ -50,6 +57,14 @@ class State {
     // A newer epoch is a new job: its sequence numbers start again, older ones are stale.
     if (r.epoch < this.epoch) return;
     this.epoch = r.epoch;
+    // Runs only grow. A newer one is a job started afresh (the last viewer left, the job
+    // stopped, someone came back): its windows and totals start again, and the last run's
+    // charts would only stretch the time axis back to when it stopped.
+    if (r.run < this.run) return;
+    if (r.run > this.run) {
+      this.clear();
+      this.run = r.run;
+    }
     this.watermark = Math.max(this.watermark ?? 0, r.watermark_ms);
     switch (r.stream) {
       case "pageviews":
@@ -76,6 +91,17 @@ class State {
         break;
     }
     this.dirty = true;
+  }
+
+  private clear(): void {
+    this.ticks = [];
+    this.sessions = [];
+    this.lastSessions = null;
+    this.window = null;
+    this.topn = [];
+    this.topnWindow = null;
+    this.totals = null;
+    this.watermark = null;
   }
 }
 
@@ -183,6 +209,7 @@ export function dashboard(root: HTMLElement, token: string, claims: Claims | nul
       if (msg.type === "welcome") {
         tenantName.textContent = msg.tenant;
       } else if (msg.type === "result") {
+        if (msg.snapshot && msg.result.stream === "pageviews") state.tickSnapshots += 1;
         state.apply(msg.result);
       } else if (msg.type === "error") {
         console.warn(`clickpulse gateway: ${msg.code}: ${msg.message}`);
@@ -277,6 +304,7 @@ function render(
     { replaceMerge: ["series"] },
   );
   c.pv.getDom().dataset.points = String(s.ticks.length);
+  c.pv.getDom().dataset.snapshots = String(s.tickSnapshots);
 
   c.top.setOption({
     yAxis: { data: s.topn.map((p) => p.page) },
@@ -304,17 +332,19 @@ function render(
     v.dataset.windowStart = String(s.window.window_start_ms);
     v.dataset.windowEnd = String(s.window.window_end_ms);
     windowNote.textContent = `window ${utc(s.window.window_start_ms)} – ${utc(s.window.window_end_ms).slice(11)} · job epoch ${s.window.epoch}`;
+  } else {
+    // A new run, its first window not in yet.
+    k.windowViews.value.textContent = "–";
+    delete k.windowViews.value.dataset.raw;
+    windowNote.textContent = "";
   }
   const ses = s.lastSessions;
-  if (ses) {
-    k.active.value.textContent = int(ses.active);
-    k.bounce.value.textContent = ses.closed > 0 ? pct(ses.bounce_rate) : "–";
-    k.newRet.value.textContent = `${int(ses.new_visitors)} / ${int(ses.returning_visitors)}`;
-    k.views.value.textContent = ses.closed > 0 ? fixed(ses.avg_views) : "–";
-    k.minutes.value.textContent = ses.closed > 0 ? fixed(ses.avg_duration_ms / 60_000) : "–";
-  }
-  if (s.totals) {
-    k.total.value.textContent = int(s.totals.views);
-    k.total.value.dataset.raw = String(s.totals.views);
-  }
+  k.active.value.textContent = ses ? int(ses.active) : "–";
+  k.bounce.value.textContent = ses && ses.closed > 0 ? pct(ses.bounce_rate) : "–";
+  k.newRet.value.textContent = ses ? `${int(ses.new_visitors)} / ${int(ses.returning_visitors)}` : "–";
+  k.views.value.textContent = ses && ses.closed > 0 ? fixed(ses.avg_views) : "–";
+  k.minutes.value.textContent = ses && ses.closed > 0 ? fixed(ses.avg_duration_ms / 60_000) : "–";
+  k.total.value.textContent = s.totals ? int(s.totals.views) : "–";
+  if (s.totals) k.total.value.dataset.raw = String(s.totals.views);
+  else delete k.total.value.dataset.raw;
 }

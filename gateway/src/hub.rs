@@ -602,9 +602,10 @@ impl Hub {
         );
     }
 
-    /// Adds streams to a joined client's subscription and queues their snapshots at once
-    /// (see [`Cache`]); `after` (a resuming client's last result) holds back everything up to
-    /// it. A client that has not joined (or has left) is ignored.
+    /// Adds streams to a joined client's subscription and queues their snapshots at once: of
+    /// the tenant's current run, the latest result of each stream and the newest
+    /// [`SERIES_KEPT`] of a series. `after` (a resuming client's last result) holds back
+    /// everything up to it. A client that has not joined (or has left) is ignored.
     pub fn subscribe(
         &self,
         tenant: &Tenant,

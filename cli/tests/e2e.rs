@@ -10,9 +10,9 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clickpulse_protocol::Tenant;
 use clickpulse_protocol::zk::Right;
@@ -22,6 +22,22 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+/// The browser script, stopped when the test ends however it ends: its stdin (held by the
+/// test) is closed first, which stops it at its next checkpoint and closes Chromium; if it
+/// has not ended within a while it is killed.
+struct Script(Child);
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// The browser script's next report, within `limit`; on anything else, the engine's log is
 /// shown with the failure.
@@ -107,25 +123,27 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
     let log = engine.log_path().to_owned();
 
     let out_dir = repo().join("target/e2e");
-    let mut browser = Command::new("node")
-        .arg(web.join("e2e/dashboard.e2e.mjs"))
-        .current_dir(&web)
-        .env("CLICKPULSE_E2E_URL", format!("http://{}", gw.http_addr))
-        .env("CLICKPULSE_E2E_ACME", token(&acme))
-        .env("CLICKPULSE_E2E_GLOBEX", token(&globex))
-        .env(
-            "CLICKPULSE_E2E_ADMIN",
-            token_with(&acme, &[Right::View, Right::Admin]),
-        )
-        .env("CLICKPULSE_E2E_OUT", &out_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("node runs (scripts/setup installs it)");
-    let mut to_browser = browser.stdin.take().unwrap();
+    let mut browser = Script(
+        Command::new("node")
+            .arg(web.join("e2e/dashboard.e2e.mjs"))
+            .current_dir(&web)
+            .env("CLICKPULSE_E2E_URL", format!("http://{}", gw.http_addr))
+            .env("CLICKPULSE_E2E_ACME", token(&acme))
+            .env("CLICKPULSE_E2E_GLOBEX", token(&globex))
+            .env(
+                "CLICKPULSE_E2E_ADMIN",
+                token_with(&acme, &[Right::View, Right::Admin]),
+            )
+            .env("CLICKPULSE_E2E_OUT", &out_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node runs (scripts/setup installs it)"),
+    );
+    let mut to_browser = browser.0.stdin.take().unwrap();
     let (events_tx, events) = mpsc::channel();
-    let stdout = browser.stdout.take().unwrap();
+    let stdout = browser.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             eprintln!("browser: {line}");
@@ -190,6 +208,9 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
 
     // 2. A second tab opened while the job runs gets the first one's chart at once: the
     //    recent page-view ticks come as snapshots (one, the latest, before they were kept).
+    //    The snapshots drain at the tab's rate cap, and ticks the job makes meanwhile take
+    //    the place of the oldest unsent ones (a run measured 260 snapshots and 40 live ticks
+    //    for 300 points), so the snapshots are counted as most of the chart, not all of it.
     let tabs = event(&events, "second-tab", Duration::from_secs(60), &log);
     let count = |tab: &str, what: &str| tabs[tab][what].as_u64().unwrap();
     let first = count("first", "points");
@@ -198,8 +219,12 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
         "the first tab's chart is too short to compare: {tabs}"
     );
     assert!(
-        count("second", "snapshots") + 10 >= first && count("second", "points") + 10 >= first,
-        "the second tab did not start with the first one's chart: {tabs}"
+        count("second", "points") + 10 >= first,
+        "the second tab's chart is shorter than the first one's: {tabs}"
+    );
+    assert!(
+        count("second", "snapshots") * 2 >= first,
+        "the second tab's chart did not come as snapshots: {tabs}"
     );
 
     // 3. Each tab only ever received its own tenant's results.
@@ -229,7 +254,7 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
     assert!(owners.contains_key(&globex), "globex stopped: {owners:?}");
     assert_eq!(cluster.clients(&acme).await, 0);
 
-    let status = browser.wait().unwrap();
+    let status = browser.0.wait().unwrap();
     assert!(status.success(), "the browser script failed: {status}");
     for shot in ["dashboard.png", "dashboard-phone.png", "ops.png"] {
         let len = std::fs::metadata(out_dir.join(shot)).map_or(0, |m| m.len());

@@ -23,12 +23,18 @@ mkdirSync(out, { recursive: true });
 const lines = createInterface({ input: process.stdin });
 const inbox = [];
 let waiting = null;
+let stdinClosed = false;
 lines.on("line", (l) => (waiting ? (waiting(l), (waiting = null)) : inbox.push(l)));
-const next = () => (inbox.length ? Promise.resolve(inbox.shift()) : new Promise((r) => (waiting = r)));
+// The test's end (a failed assertion included) closes stdin: the next checkpoint then stops
+// the script, and the browser with it, instead of leaving them running.
+lines.on("close", () => ((stdinClosed = true), waiting && (waiting(null), (waiting = null))));
+const next = () =>
+  inbox.length ? Promise.resolve(inbox.shift()) : stdinClosed ? Promise.resolve(null) : new Promise((r) => (waiting = r));
 const report = (event, data = {}) => console.log(JSON.stringify({ event, ...data }));
 async function checkpoint(event, data) {
   report(event, data);
   const reply = await next();
+  if (reply === null) throw new Error(`the test went away after ${event}`);
   if (reply !== "go") throw new Error(`the test answered ${JSON.stringify(reply)} after ${event}`);
 }
 

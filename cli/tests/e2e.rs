@@ -210,7 +210,7 @@ async fn the_dashboard_shows_live_tenant_data_and_the_ops_view_follows_jobs() {
     //    recent page-view ticks come as snapshots (one, the latest, before they were kept).
     //    The snapshots drain at the tab's rate cap, and ticks the job makes meanwhile take
     //    the place of the oldest unsent ones (a run measured 260 snapshots and 40 live ticks
-    //    for 300 points), so the snapshots are counted as most of the chart, not all of it.
+    //    for 300 points), so the snapshots need to be at least half of the chart, not all of it.
     let tabs = event(&events, "second-tab", Duration::from_secs(60), &log);
     let count = |tab: &str, what: &str| tabs[tab][what].as_u64().unwrap();
     let first = count("first", "points");

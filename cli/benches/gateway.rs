@@ -5,16 +5,20 @@
 //! `cli/benches/peer/peer.mjs`) run as processes of their own, and the same load goes to each in
 //! turn over loopback:
 //!
-//! - connects: `CLIENTS` connections, 256 opening at a time; one counts when it is usable — for
-//!   the gateway when its welcome arrives (token checked, client registered in ZooKeeper and
-//!   subscribed to the `topn` stream, asked for in the upgrade request as the dashboard does),
-//!   for the peer when the handshake completes;
-//! - idle memory: the server's RSS growth (`/proc/PID/status`) with all of them connected and
-//!   quiet, divided by their number;
-//! - fan-out: `UPDATES` results go in at `RATE` per second (to the gateway over ZeroMQ, as an
-//!   engine sends them; to the peer over a publisher WebSocket) and each client's receive time
-//!   is taken against the send time. The peer gets the very text the gateway sends its
-//!   clients, so each delivery is the same size on both.
+//! - idle memory: `CLIENTS` connections, 256 opening at a time, to the server just started;
+//!   its RSS growth (`/proc/PID/status`) with all of them connected and quiet, divided by their
+//!   number;
+//! - connects: those clients closed and the server (and the gateway's ZooKeeper) idle again,
+//!   `CLIENTS` connections once more, 256 opening at a time: the connect rate of a server with
+//!   its JIT warm-up (ZooKeeper's JVM, the peer's V8) behind it, as one in service has. One
+//!   counts when it is usable — for the gateway when its welcome arrives (token checked, client
+//!   registered in ZooKeeper and subscribed to the `topn` stream, asked for in the upgrade
+//!   request as the dashboard does), for the peer when the handshake completes. The first
+//!   storm's rate is printed too (`connected cold`);
+//! - fan-out, to the second storm's clients: `UPDATES` results go in at `RATE` per second (to
+//!   the gateway over ZeroMQ, as an engine sends them; to the peer over a publisher WebSocket)
+//!   and each client's receive time is taken against the send time. The peer gets the very
+//!   text the gateway sends its clients, so each delivery is the same size on both.
 //!
 //! Then the same fan-out against a **floor**: this binary again (`--floor-server PORT`), a
 //! server that does nothing but one blocking `write(2)` of a ready frame per client, from two
@@ -53,6 +57,8 @@ use zeromq::{PushSocket, Socket, SocketSend, ZmqMessage};
 
 const CLIENTS: usize = 10_000;
 const CONNECTING_AT_ONCE: usize = 256;
+/// How long one client may take to open (a server that stopped accepting fails the run).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 const UPDATES: u64 = 40;
 const RATE: f64 = 10.0;
 const SECRET: &str = "a bench secret of at least 32 bytes!";
@@ -76,6 +82,7 @@ fn main() {
 #[derive(Debug)]
 struct Figures {
     connects_per_sec: f64,
+    cold_connects_per_sec: f64,
     rss_bytes_per_connection: f64,
     deliveries_per_sec: f64,
     p50_ms: f64,
@@ -269,22 +276,31 @@ async fn bench() {
             zmq: format!("tcp://127.0.0.1:{zmq}"),
             token,
         };
-        let figures = measure("gateway", &server, daemon.pid(), clients).await;
+        let procs = [("gateway", daemon.pid()), ("ZooKeeper", zk.pid().unwrap())];
+        let figures = measure("gateway", &server, &procs, clients, true).await;
         drop(daemon);
         drop(zk);
         figures
     };
 
-    let peer = measure_peer("peer", node_peer(), clients).await;
+    let peer = measure_peer("peer", node_peer(), clients, true).await;
     let mut floor = Command::new(std::env::current_exe().unwrap());
     floor.args([floor::ARG, &free_port().unwrap().to_string()]);
-    let floor = measure_peer("floor", floor, clients).await;
+    // One storm: the floor never reads its clients, so it would not see the first ones close.
+    let floor = measure_peer("floor", floor, clients, false).await;
 
     eprintln!("gateway: {gateway:?}");
     eprintln!("peer:    {peer:?}");
     eprintln!(
         "floor:   delivery p50 {:.1} ms, p99 {:.1} ms (one write per client and nothing else)",
         floor.p50_ms, floor.p99_ms
+    );
+    eprintln!(
+        "connects/s, first storm (cold) and second (counted): gateway {:.0} and {:.0}, peer {:.0} and {:.0}",
+        gateway.cold_connects_per_sec,
+        gateway.connects_per_sec,
+        peer.cold_connects_per_sec,
+        peer.connects_per_sec
     );
     println!(
         "{}",
@@ -374,12 +390,12 @@ fn node_peer() -> Command {
 }
 
 /// Measures a server speaking the peer's protocol, started by `command`, then stops it.
-async fn measure_peer(name: &str, command: Command, clients: usize) -> Figures {
+async fn measure_peer(name: &str, command: Command, clients: usize, twice: bool) -> Figures {
     let (mut child, port) = start_peer(command);
     let server = Server::Peer {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
     };
-    let figures = measure(name, &server, child.id(), clients).await;
+    let figures = measure(name, &server, &[(name, child.id())], clients, twice).await;
     let _ = child.kill();
     let _ = child.wait();
     figures
@@ -437,7 +453,15 @@ mod floor {
         }
         let senders = Arc::new(senders);
         for (n, stream) in listener.incoming().enumerate() {
-            let Ok(mut stream) = stream else { continue };
+            let mut stream = match stream {
+                Ok(stream) => stream,
+                Err(error) => {
+                    // Out of files, say: not a busy loop on the two cores being measured.
+                    eprintln!("floor: accept: {error}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let Some(head) = request_head(&mut stream) else {
                 continue;
@@ -522,6 +546,26 @@ fn rss(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap();
     kb * 1024
+}
+
+/// Waits until every process of `pids` has been all but idle (under 2 % of a core) for half
+/// a second, at most 30 s; returns how long that took.
+async fn settle(pids: &[u32]) -> f64 {
+    let started = Instant::now();
+    let busy = || pids.iter().map(|&pid| cpu_secs(pid)).sum::<f64>();
+    let mut last = busy();
+    let mut quiet = 0;
+    while quiet < 2 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = busy();
+        quiet = if now - last <= 0.005 * pids.len() as f64 {
+            quiet + 1
+        } else {
+            0
+        };
+        last = now;
+    }
+    started.elapsed().as_secs_f64()
 }
 
 /// CPU time a process has used, seconds (user + system; Linux counts it in 1/100 s).
@@ -708,17 +752,19 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[rank.clamp(1, sorted.len()) - 1]) / 1_000.0
 }
 
-async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss(pid);
-
+/// Opens `n` clients, `CONNECTING_AT_ONCE` at a time; returns them and the connects per second.
+async fn storm(name: &str, server: &Server, n: usize) -> (Vec<Ws>, f64) {
     let started = Instant::now();
     let opened: Vec<Result<Ws, String>> = stream::iter(0..n)
-        .map(|_| open(server))
+        .map(|_| async {
+            tokio::time::timeout(OPEN_TIMEOUT, open(server))
+                .await
+                .unwrap_or_else(|_| Err(format!("not open within {OPEN_TIMEOUT:?}")))
+        })
         .buffer_unordered(CONNECTING_AT_ONCE)
         .collect()
         .await;
-    let connect_secs = started.elapsed().as_secs_f64();
+    let secs = started.elapsed().as_secs_f64();
     let failed: Vec<&String> = opened.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
         failed.is_empty(),
@@ -726,9 +772,29 @@ async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
         failed.len(),
         failed[0]
     );
-    let sockets: Vec<Ws> = opened.into_iter().map(Result::unwrap).collect();
-    let connects_per_sec = n as f64 / connect_secs;
-    eprintln!("{name}: {n} clients connected in {connect_secs:.2} s ({connects_per_sec:.0}/s)");
+    let sockets = opened.into_iter().map(Result::unwrap).collect();
+    (sockets, n as f64 / secs)
+}
+
+/// Measures one server, the first of `procs` (named processes; for the gateway its ZooKeeper
+/// too). With `twice`, the connects and the fan-out are those of a second storm, once the
+/// first one's clients are closed and every process of `procs` is idle again.
+async fn measure(
+    name: &str,
+    server: &Server,
+    procs: &[(&str, u32)],
+    n: usize,
+    twice: bool,
+) -> Figures {
+    let pid = procs[0].1;
+    let pids: Vec<u32> = procs.iter().map(|(_, pid)| *pid).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss(pid);
+
+    // The first storm, on a server just started: its memory for idle clients, and the cold
+    // connect rate (printed, not a figure of the last line).
+    let (sockets, cold_connects_per_sec) = storm(name, server, n).await;
+    eprintln!("{name}: {n} clients connected cold ({cold_connects_per_sec:.0}/s)");
 
     // Quiet for a moment: what the server holds for idle clients.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -739,6 +805,34 @@ async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
         rss_before as f64 / 1e6,
         rss_after as f64 / 1e6
     );
+
+    // All closed, the servers idle again, then the storm that counts: a server in service
+    // has its JIT warm-up (ZooKeeper's JVM, the peer's V8) and its first allocations behind
+    // it. The fan-out goes to these clients.
+    let (sockets, connects_per_sec) = if twice {
+        drop(sockets);
+        let settled = settle(&pids).await;
+        let cpu_before: Vec<f64> = pids.iter().map(|&pid| cpu_secs(pid)).collect();
+        let own_before = cpu_secs(std::process::id());
+        let (sockets, connects_per_sec) = storm(name, server, n).await;
+        eprintln!(
+            "{name}: closed, quiet after {settled:.1} s; {n} clients connected again ({connects_per_sec:.0}/s)"
+        );
+        let per_connect = |before: f64, pid: u32| (cpu_secs(pid) - before) * 1e6 / n as f64;
+        let each: Vec<String> = procs
+            .iter()
+            .zip(&cpu_before)
+            .map(|((what, pid), before)| format!("{what} {:.0} µs", per_connect(*before, *pid)))
+            .collect();
+        eprintln!(
+            "{name}: CPU per connect: {}, load generator {:.0} µs",
+            each.join(", "),
+            per_connect(own_before, std::process::id())
+        );
+        (sockets, connects_per_sec)
+    } else {
+        (sockets, cold_connects_per_sec)
+    };
 
     let fanout = Arc::new(Fanout {
         base: Instant::now(),
@@ -813,6 +907,7 @@ async fn measure(name: &str, server: &Server, pid: u32, n: usize) -> Figures {
         / 1e9;
     let figures = Figures {
         connects_per_sec,
+        cold_connects_per_sec,
         rss_bytes_per_connection,
         deliveries_per_sec: delivered as f64 / span_secs.max(f64::EPSILON),
         p50_ms: percentile(&latencies, 50.0),

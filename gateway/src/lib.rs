@@ -13,12 +13,14 @@
 //! ever receives its own tenant's results. With ZooKeeper, the gateway registers itself and
 //! every connected client there (what makes engines run the tenants' jobs).
 //!
-//! `server` is the HTTP side (routes, limits, metrics, the upgrade), `client` one client's
-//! connection after it, `hub` the fan-out, `ingress` the engines' side, `auth` the tokens.
+//! `server` is the HTTP side (routes, limits, metrics, the upgrade), `cork` its connections
+//! (an upgrade's `101` sent with the welcome), `client` one client's connection after the
+//! upgrade, `hub` the fan-out, `ingress` the engines' side, `auth` the tokens.
 #![forbid(unsafe_code)]
 
 pub mod auth;
 mod client;
+mod cork;
 pub mod hub;
 pub mod ingress;
 pub mod server;

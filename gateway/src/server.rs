@@ -24,6 +24,7 @@ use clickpulse_cluster::{ClusterView, ZkSession};
 use clickpulse_protocol::zk::Layout;
 
 use crate::client::{Clock, Viewer, serve_client};
+use crate::cork::Corked;
 use crate::hub::Hub;
 use crate::ingress::IngressStats;
 
@@ -581,8 +582,10 @@ pub(crate) async fn serve_http(
             request.extensions_mut().insert(ConnectInfo(peer));
             tower_service::Service::call(&mut app.clone(), request)
         });
+        // Corked: an upgrade's 101 waits for the client's registration and goes with its
+        // welcome, one send instead of two.
         let connection = http
-            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+            .serve_connection(hyper_util::rt::TokioIo::new(Corked::new(tcp)), service)
             .with_upgrades();
         let shutdown = shutdown.clone();
         connections.spawn(async move {

@@ -12,6 +12,7 @@ use clickpulse_protocol::results::Stream;
 use clickpulse_protocol::zk::{ClientRegistration, GatewayInfo, Layout, Right};
 use clickpulse_tests::{ZooKeeper, eventually, http_get, unique_name};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +111,36 @@ async fn a_gateway_registers_itself_and_each_client_while_it_is_connected() {
         "written once, not created and then updated"
     );
     subscribed.close(None).await.unwrap();
+
+    // The upgrade completes only once the client is registered: its 101 and its welcome
+    // come in one send, so in one read here.
+    let mut raw = tokio::net::TcpStream::connect(gw.http_addr).await.unwrap();
+    let request = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut got = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), raw.read(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = String::from_utf8_lossy(&got[..n]).into_owned();
+    assert!(got.starts_with("HTTP/1.1 101 "), "{got}");
+    let client_3 = got
+        .split_once(r#""client":""#)
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(client, _)| client.to_owned())
+        .unwrap_or_else(|| panic!("no welcome with the 101: {got:?}"));
+    assert!(
+        look.check_stat(&layout.client(&acme, "gw-1", &client_3))
+            .await
+            .unwrap()
+            .is_some(),
+        "registered before the upgrade completed"
+    );
+    drop(raw);
 
     // leaving removes it
     ws.close(None).await.unwrap();

@@ -2,6 +2,8 @@
 //!
 //! The client authenticates *before* the upgrade (tenant token in `Sec-WebSocket-Protocol` or
 //! the `token` query parameter); a missing, bad or expired token is an HTTP 401, never a socket.
+//! The upgrade completes once the client is registered in ZooKeeper, and its first frame is
+//! the `welcome` (or a close: 1011 when the registration failed, 4002 over capacity).
 //!
 //! Client → gateway, tagged by `type`:
 //!

@@ -264,6 +264,18 @@ where
     }
 }
 
+/// Deletes `path` on the current session, retrying while the connection is down; a node
+/// already gone is fine.
+async fn delete(shared: &Shared, path: &str) -> Result<(), ZkError> {
+    retrying(shared, path, |client| async move {
+        match client.delete(path, None).await {
+            Ok(()) | Err(zk::Error::NoNode) => Ok(()),
+            Err(e) => Err(op("delete", path)(e)),
+        }
+    })
+    .await
+}
+
 impl std::fmt::Debug for ZkSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ZkSession")
@@ -524,13 +536,7 @@ impl ZkSession {
     /// Deletes a node this process registered; it is not recreated any more.
     pub async fn deregister(&self, path: &str) -> Result<(), ZkError> {
         lock(&self.shared.owned).remove(path);
-        retrying(&self.shared, path, |client| async move {
-            match client.delete(path, None).await {
-                Ok(()) | Err(zk::Error::NoNode) => Ok(()),
-                Err(e) => Err(op("delete", path)(e)),
-            }
-        })
-        .await
+        delete(&self.shared, path).await
     }
 
     /// Paths this process owns.
@@ -585,11 +591,29 @@ async fn recreate(shared: &Shared, client: &zk::Client) {
             .map(|(p, d)| (p.clone(), d.clone()))
             .collect();
         let count = nodes.len();
-        match create_all(client, nodes).await {
+        let paths: Vec<String> = nodes.iter().map(|(p, _)| p.clone()).collect();
+        let created = create_all(client, nodes).await;
+        // A node deregistered while this ran can have been deleted before it was created
+        // here again (a client that left, keeping its tenant's job alive). Deregistering
+        // takes it out of `owned` first, so whatever is no longer there now goes again,
+        // whether or not all the rest were created.
+        let dropped: Vec<String> = {
+            let owned = lock(&shared.owned);
+            paths
+                .into_iter()
+                .filter(|p| !owned.contains_key(p))
+                .collect()
+        };
+        for path in &dropped {
+            if let Err(error) = delete(shared, path).await {
+                tracing::warn!(%path, %error, "a node deregistered during the recreation is still there");
+            }
+        }
+        match created {
             Ok(()) => {
                 tracing::info!(
                     session = %client.session_id(),
-                    nodes = count,
+                    nodes = count - dropped.len(),
                     "zookeeper session replaced; registrations recreated"
                 );
                 return;

@@ -127,6 +127,19 @@ async fn a_zookeeper_restart_is_survived_without_manual_action() {
     session.close().await;
 }
 
+/// Kills the server and waits until the client library has given `session` up for expired
+/// (it could not reconnect within the session timeout).
+async fn kill_until_expired(zk: &mut ZooKeeper, session: &ZkSession) {
+    zk.kill();
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            session.client().unwrap().state() == zk::SessionState::Expired
+        })
+        .await,
+        "the client library did not give the session up"
+    );
+}
+
 #[tokio::test]
 async fn writes_made_while_zookeeper_is_down_land_when_it_is_back() {
     let mut zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
@@ -144,14 +157,7 @@ async fn writes_made_while_zookeeper_is_down_land_when_it_is_back() {
     // has given the session up for expired (it could not reconnect within the session
     // timeout) and before a new session is open: neither write may be given up on (the one
     // would never start its job, the other would keep a job running).
-    zk.kill();
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            session.client().unwrap().state() == zk::SessionState::Expired
-        })
-        .await,
-        "the client library did not give the session up"
-    );
+    kill_until_expired(&mut zk, &session).await;
     let writes = {
         let (session, leaving, arriving) = (session.clone(), leaving.clone(), arriving.clone());
         tokio::spawn(async move {
@@ -179,6 +185,62 @@ async fn writes_made_while_zookeeper_is_down_land_when_it_is_back() {
     assert_eq!(data, b"b");
     assert_eq!(stat.ephemeral_owner, session.session_id().unwrap());
     assert!(look.check_stat(&leaving).await.unwrap().is_none());
+    session.close().await;
+}
+
+#[tokio::test]
+async fn nodes_deregistered_while_the_session_is_replaced_stay_deleted() {
+    // After an expiry the new session recreates every owned node, retrying while the old
+    // session's copies are still there; clients leaving meanwhile must not come back with it
+    // (each would keep its tenant's job running for good).
+    let mut zk = ZooKeeper::start_private(ZkOptions::default()).unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let clients = format!("{root}/tenants/acme/clients");
+    let session = std::sync::Arc::new(
+        ZkSession::connect(config(&zk), &CancellationToken::new())
+            .await
+            .unwrap(),
+    );
+    let paths: Vec<String> = (0..1_000)
+        .map(|i| format!("{clients}/gw-1.c-{i}"))
+        .collect();
+    let registered = paths
+        .iter()
+        .map(|path| session.register(path, b"a".to_vec()));
+    for result in futures_util::future::join_all(registered).await {
+        result.unwrap();
+    }
+    kill_until_expired(&mut zk, &session).await;
+    zk.restart().unwrap();
+    // Leaving, a few every 10 ms, all through the recreation: while the old session's copies
+    // are there, and as it ends.
+    let mut leaving = Vec::new();
+    for path in paths {
+        let session = session.clone();
+        leaving.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), session.deregister(&path)).await
+        }));
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    for left in leaving {
+        left.await
+            .unwrap()
+            .expect("a deregistration still waiting")
+            .unwrap();
+    }
+    // The old session's copies go when the restarted server expires it; none may be left.
+    let look = observer(&zk).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            look.get_children(&clients)
+                .await
+                .map(|(children, _)| children.is_empty())
+                .unwrap_or(false)
+        })
+        .await,
+        "left: {:?}",
+        look.get_children(&clients).await.map(|(c, _)| c)
+    );
     session.close().await;
 }
 

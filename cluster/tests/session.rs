@@ -212,7 +212,7 @@ async fn nodes_deregistered_while_the_session_is_replaced_stay_deleted() {
     }
     kill_until_expired(&mut zk, &session).await;
     zk.restart().unwrap();
-    // Leaving, a few every 10 ms, all through the recreation: while the old session's copies
+    // Leaving, one every 8 ms, all through the recreation: while the old session's copies
     // are there, and as it ends.
     let mut leaving = Vec::new();
     for path in paths {

@@ -24,6 +24,6 @@
 mod session;
 pub mod view;
 
-pub use session::{ZkConfig, ZkError, ZkSession};
+pub use session::{MULTI_MAX, ZkConfig, ZkError, ZkSession};
 pub use view::{ClusterView, TenantView, TreeNode};
 pub use zookeeper_client as zk;

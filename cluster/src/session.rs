@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::FuturesUnordered;
 use futures_util::{StreamExt, stream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use zookeeper_client as zk;
@@ -18,9 +19,13 @@ pub const MAX_IN_FLIGHT: usize = 512;
 /// Most creations written in one `multi` transaction by [`ZkSession::register`].
 pub const MULTI_MAX: usize = 100;
 
-/// `multi` transactions of registrations in flight at once: while they are, new ones queue
-/// and the next transaction takes all of them (up to [`MULTI_MAX`]).
+/// Most `multi` transactions of registrations in flight at once (see [`batch_creations`]).
 const MULTIS_IN_FLIGHT: usize = 4;
+
+/// How long registrations wait for the transaction in flight before another one is sent
+/// beside it (see [`batch_creations`]). Against a fast server, a transaction of 100 takes
+/// 3–5 ms here.
+const PIPELINE_AFTER: Duration = Duration::from_millis(10);
 
 /// Registrations waiting to be written at once.
 const QUEUED_MAX: usize = 4 * MULTI_MAX;
@@ -112,37 +117,63 @@ struct Creation {
 }
 
 /// Writes queued registrations: everything queued goes in one `multi` transaction (up to
-/// [`MULTI_MAX`]), a few transactions in flight. A storm of single registrations then costs
-/// one round trip and one log write per hundred, not per client (ZooKeeper measured here:
-/// about 1,000 lone creates per second, 16,000–50,000 batched).
+/// [`MULTI_MAX`]). A storm of single registrations then costs one round trip and one log
+/// write per hundred, not per client (ZooKeeper measured here: about 1,000 lone creates per
+/// second, 16,000–50,000 batched).
+///
+/// A transaction goes as soon as there is anything to write and none is in flight. A further
+/// one goes only once a full transaction is waiting, or once the first waiting registration
+/// has waited [`PIPELINE_AFTER`] (a slow server: its log on a busy disk, a batch retried on
+/// its own), up to [`MULTIS_IN_FLIGHT`]. Against a fast server that keeps one transaction in
+/// flight and makes each as large as the arrivals allow: per registration, ZooKeeper's cost is
+/// mostly its share of a transaction's hand-offs between threads and its log write. A
+/// 10,000-client storm here cost ZooKeeper 12–15 µs of CPU per registration that way, against
+/// 20–23 µs with four transactions always in flight.
 async fn batch_creations(shared: Arc<Shared>, mut queue: mpsc::Receiver<Creation>) {
-    let in_flight = Arc::new(Semaphore::new(MULTIS_IN_FLIGHT));
+    let mut writing = FuturesUnordered::new();
+    let mut waiting: Vec<Creation> = Vec::new();
+    let mut waiting_since = tokio::time::Instant::now();
+    let mut open = true;
     loop {
-        // A permit first: while every transaction is busy, registrations pile up in the
-        // queue and the next transaction takes them together.
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let first = tokio::select! {
-            creation = queue.recv() => match creation {
-                Some(c) => c,
-                None => return,
-            },
-            _ = shared.stop.cancelled() => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < MULTI_MAX {
+        while waiting.len() < MULTI_MAX {
             match queue.try_recv() {
-                Ok(c) => batch.push(c),
+                Ok(c) => {
+                    if waiting.is_empty() {
+                        waiting_since = tokio::time::Instant::now();
+                    }
+                    waiting.push(c);
+                }
                 Err(_) => break,
             }
         }
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            write_batch(&shared, batch).await;
-            drop(permit);
-        });
+        let pipelined = writing.len() < MULTIS_IN_FLIGHT
+            && (waiting.len() >= MULTI_MAX || waiting_since.elapsed() >= PIPELINE_AFTER);
+        if !waiting.is_empty() && (writing.is_empty() || pipelined) {
+            writing.push(write_batch(&shared, std::mem::take(&mut waiting)));
+            continue;
+        }
+        if !open && waiting.is_empty() && writing.is_empty() {
+            return;
+        }
+        let can_pipeline = !waiting.is_empty() && writing.len() < MULTIS_IN_FLIGHT;
+        tokio::select! {
+            Some(()) = writing.next(), if !writing.is_empty() => {}
+            creation = queue.recv(), if open && waiting.len() < MULTI_MAX => match creation {
+                Some(c) => {
+                    if waiting.is_empty() {
+                        waiting_since = tokio::time::Instant::now();
+                    }
+                    waiting.push(c);
+                }
+                None => open = false,
+            },
+            () = tokio::time::sleep_until(waiting_since + PIPELINE_AFTER), if can_pipeline => {}
+            () = shared.stop.cancelled() => break,
+        }
     }
+    // Stopping: the transactions in flight end (a retry gives up once stopped); the waiting
+    // ones are answered `Closed` as they are dropped.
+    while writing.next().await.is_some() {}
 }
 
 /// Writes a batch of registrations in one transaction; when it fails as a whole (a node

@@ -304,6 +304,40 @@ async fn a_storm_of_registrations_is_pipelined_and_all_land() {
     session.close().await;
 }
 
+/// All nodes created by one `multi` transaction share its zxid: the distinct creation zxids
+/// of a storm's nodes count the transactions it took.
+#[tokio::test]
+async fn registrations_queued_together_go_in_few_transactions() {
+    let zk = ZooKeeper::start().unwrap();
+    let root = format!("/{}", unique_name("t"));
+    let session = ZkSession::connect(config(&zk), &CancellationToken::new())
+        .await
+        .unwrap();
+    let parent = format!("{root}/tenants/acme/clients");
+    session.ensure_path(&parent).await.unwrap();
+    let paths: Vec<String> = (0..1_000).map(|i| format!("{parent}/gw-1.c-{i}")).collect();
+    let results = futures_util::future::join_all(
+        paths
+            .iter()
+            .map(|path| session.register(path, b"{}".to_vec())),
+    )
+    .await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let look = observer(&zk).await;
+    let mut transactions = std::collections::BTreeSet::new();
+    for path in &paths {
+        transactions.insert(look.check_stat(path).await.unwrap().unwrap().czxid);
+    }
+    let fewest = paths.len().div_ceil(clickpulse_cluster::MULTI_MAX);
+    assert!(
+        (fewest..=2 * fewest).contains(&transactions.len()),
+        "{} registrations took {} transactions (at best {fewest})",
+        paths.len(),
+        transactions.len()
+    );
+    session.close().await;
+}
+
 #[tokio::test]
 async fn a_node_held_by_another_session_is_not_taken_over() {
     let zk = ZooKeeper::start().unwrap();

@@ -14,7 +14,9 @@
 //!   counts when it is usable — for the gateway when its welcome arrives (token checked, client
 //!   registered in ZooKeeper and subscribed to the `topn` stream, asked for in the upgrade
 //!   request as the dashboard does), for the peer when the handshake completes. The first
-//!   storm's rate is printed too (`connected cold`);
+//!   storm's rate is printed too (`connected cold`), and the CPU each process took per client,
+//!   for the close storm between the two (the gateway deregisters each client) and for the
+//!   second storm;
 //! - fan-out, to the second storm's clients: `UPDATES` results go in at `RATE` per second (to
 //!   the gateway over ZeroMQ, as an engine sends them; to the peer over a publisher WebSocket)
 //!   and each client's receive time is taken against the send time. The peer gets the very
@@ -810,24 +812,36 @@ async fn measure(
     // has its JIT warm-up (ZooKeeper's JVM, the peer's V8) and its first allocations behind
     // it. The fan-out goes to these clients.
     let (sockets, connects_per_sec) = if twice {
+        let per_client = |before: &[f64]| -> String {
+            procs
+                .iter()
+                .zip(before)
+                .map(|((what, pid), before)| {
+                    format!(
+                        "{what} {:.0} µs",
+                        (cpu_secs(*pid) - before) * 1e6 / n as f64
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let cpu_before: Vec<f64> = pids.iter().map(|&pid| cpu_secs(pid)).collect();
         drop(sockets);
         let settled = settle(&pids).await;
+        // The close storm's CPU (a deregistration per client for the gateway), counted from
+        // the drop to quiet: the idle half second at its end adds under 1 µs.
+        let closes = per_client(&cpu_before);
         let cpu_before: Vec<f64> = pids.iter().map(|&pid| cpu_secs(pid)).collect();
         let own_before = cpu_secs(std::process::id());
         let (sockets, connects_per_sec) = storm(name, server, n).await;
         eprintln!(
             "{name}: closed, quiet after {settled:.1} s; {n} clients connected again ({connects_per_sec:.0}/s)"
         );
-        let per_connect = |before: f64, pid: u32| (cpu_secs(pid) - before) * 1e6 / n as f64;
-        let each: Vec<String> = procs
-            .iter()
-            .zip(&cpu_before)
-            .map(|((what, pid), before)| format!("{what} {:.0} µs", per_connect(*before, *pid)))
-            .collect();
+        eprintln!("{name}: CPU per close: {closes}");
         eprintln!(
             "{name}: CPU per connect: {}, load generator {:.0} µs",
-            each.join(", "),
-            per_connect(own_before, std::process::id())
+            per_client(&cpu_before),
+            (cpu_secs(std::process::id()) - own_before) * 1e6 / n as f64
         );
         (sockets, connects_per_sec)
     } else {

@@ -11,9 +11,9 @@
 //!  close() ─▶ the session ends; the server deletes its ephemerals
 //! ```
 //!
-//! Registrations and updates made at the same time are written together, one `multi`
-//! transaction per hundred, so a storm of connecting clients costs a few round trips and log
-//! writes, not one per client.
+//! Registrations, updates and deregistrations made at the same time are written together,
+//! one `multi` transaction per hundred, so a storm of clients connecting or leaving costs a
+//! few round trips and log writes, not one per client.
 //!
 //! An ephemeral node lives as long as the session that created it. A session can expire (a
 //! long network cut, a paused process); the server then deletes its ephemerals. Like Apache

@@ -16,18 +16,17 @@ use zookeeper_client as zk;
 /// connection, bounded so a storm cannot queue without limit.
 pub const MAX_IN_FLIGHT: usize = 512;
 
-/// Most creations written in one `multi` transaction by [`ZkSession::register`].
+/// Most writes (registrations, updates, deregistrations) in one `multi` transaction.
 pub const MULTI_MAX: usize = 100;
 
-/// Most `multi` transactions of registrations in flight at once (see [`batch_creations`]).
+/// Most `multi` transactions in flight at once (see [`batch_writes`]).
 const MULTIS_IN_FLIGHT: usize = 4;
 
-/// How long registrations wait for the transaction in flight before another one is sent
-/// beside it (see [`batch_creations`]). Against a fast server, a transaction of 100 takes
-/// 3–5 ms here.
+/// How long writes wait for the transaction in flight before another one is sent beside it
+/// (see [`batch_writes`]). Against a fast server, a transaction of 100 takes 3–5 ms here.
 const PIPELINE_AFTER: Duration = Duration::from_millis(10);
 
-/// Registrations waiting to be written at once.
+/// Writes waiting for the batcher at once.
 const QUEUED_MAX: usize = 4 * MULTI_MAX;
 
 /// How to reach ZooKeeper.
@@ -103,23 +102,30 @@ impl Shared {
 pub struct ZkSession {
     shared: Arc<Shared>,
     keeper: Mutex<Option<JoinHandle<()>>>,
-    /// Registrations on their way to the batcher.
-    creations: mpsc::Sender<Creation>,
+    /// Writes on their way to the batcher.
+    writes: mpsc::Sender<Write>,
 }
 
-/// One registration queued for the batcher.
-struct Creation {
+/// One write of an ephemeral node, queued for the batcher.
+struct Write {
     path: String,
-    data: Vec<u8>,
-    /// The node is this session's already: its data is rewritten.
-    update: bool,
+    op: Op,
     done: oneshot::Sender<Result<(), ZkError>>,
 }
 
-/// Writes queued registrations: everything queued goes in one `multi` transaction (up to
-/// [`MULTI_MAX`]). A storm of single registrations then costs one round trip and one log
-/// write per hundred, not per client (ZooKeeper measured here: about 1,000 lone creates per
-/// second, 16,000–50,000 batched).
+enum Op {
+    /// A registration: the node is created with this data.
+    Create(Vec<u8>),
+    /// The node is this session's already: its data is rewritten (created again if gone).
+    Update(Vec<u8>),
+    /// A deregistration: the node goes (already gone is fine).
+    Delete,
+}
+
+/// Writes queued registrations, updates and deregistrations: everything queued goes in one
+/// `multi` transaction (up to [`MULTI_MAX`]). A storm of clients connecting or leaving then
+/// costs one round trip and one log write per hundred, not per client (ZooKeeper measured
+/// here: about 1,000 lone creates per second, 16,000–50,000 batched).
 ///
 /// A transaction goes as soon as there is anything to write and none is in flight. A further
 /// one goes only once a full transaction is waiting, or once the first waiting registration
@@ -129,9 +135,9 @@ struct Creation {
 /// mostly its share of a transaction's hand-offs between threads and its log write. A
 /// 10,000-client storm here cost ZooKeeper 12–15 µs of CPU per registration that way, against
 /// 20–23 µs with four transactions always in flight.
-async fn batch_creations(shared: Arc<Shared>, mut queue: mpsc::Receiver<Creation>) {
+async fn batch_writes(shared: Arc<Shared>, mut queue: mpsc::Receiver<Write>) {
     let mut writing = FuturesUnordered::new();
-    let mut waiting: Vec<Creation> = Vec::new();
+    let mut waiting: Vec<Write> = Vec::new();
     let mut waiting_since = tokio::time::Instant::now();
     let mut open = true;
     loop {
@@ -176,10 +182,10 @@ async fn batch_creations(shared: Arc<Shared>, mut queue: mpsc::Receiver<Creation
     while writing.next().await.is_some() {}
 }
 
-/// Writes a batch of registrations in one transaction; when it fails as a whole (a node
-/// exists already or is gone, a parent is missing, the connection is down), each is written
-/// on its own, which handles all of those: a lost connection is waited out ([`retrying`]).
-async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
+/// Writes a batch in one transaction; when it fails as a whole (a node exists already or is
+/// gone, a parent is missing, the connection is down), each is written on its own, which
+/// handles all of those: a lost connection is waited out ([`retrying`]).
+async fn write_batch(shared: &Shared, batch: Vec<Write>) {
     let client = match shared.client() {
         Ok(client) => client,
         Err(_) => {
@@ -192,28 +198,29 @@ async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
     if batch.len() > 1 {
         let options = zk::CreateMode::Ephemeral.with_acls(zk::Acls::anyone_all());
         let mut writer = client.new_multi_writer();
-        let added = batch.iter().all(|c| {
-            if c.update {
-                writer.add_set_data(&c.path, &c.data, None).is_ok()
-            } else {
-                writer.add_create(&c.path, &c.data, &options).is_ok()
-            }
+        let added = batch.iter().all(|w| match &w.op {
+            Op::Create(data) => writer.add_create(&w.path, data, &options).is_ok(),
+            Op::Update(data) => writer.add_set_data(&w.path, data, None).is_ok(),
+            Op::Delete => writer.add_delete(&w.path, None).is_ok(),
         });
         let started = std::time::Instant::now();
         if added && writer.commit().await.is_ok() {
             tracing::debug!(
                 nodes = batch.len(),
                 ms = started.elapsed().as_secs_f64() * 1000.0,
-                "registrations written"
+                "nodes written"
             );
-            // Moved into the owned set, not copied: a storm writes thousands a second.
+            // Moved into the owned set, not copied: a storm writes thousands a second. A
+            // deregistered node left that set before it was queued.
             let done: Vec<_> = {
                 let mut owned = lock(&shared.owned);
                 batch
                     .into_iter()
-                    .map(|c| {
-                        owned.insert(c.path, c.data);
-                        c.done
+                    .map(|w| {
+                        if let Op::Create(data) | Op::Update(data) = w.op {
+                            owned.insert(w.path, data);
+                        }
+                        w.done
                     })
                     .collect()
             };
@@ -224,22 +231,27 @@ async fn write_batch(shared: &Shared, batch: Vec<Creation>) {
         }
     }
     drop(client);
-    let singles = batch.into_iter().map(|c| async move {
-        let result = retrying(shared, &c.path, |client| {
-            let c = &c;
-            async move {
-                if c.update {
-                    update_ephemeral(&client, &c.path, &c.data).await
-                } else {
-                    create_ephemeral(&client, &c.path, &c.data).await
-                }
+    let singles = batch.into_iter().map(|w| async move {
+        let result = match &w.op {
+            Op::Delete => delete(shared, &w.path).await,
+            Op::Create(data) | Op::Update(data) => {
+                let (path, update) = (&w.path, matches!(w.op, Op::Update(_)));
+                retrying(shared, path, |client| async move {
+                    if update {
+                        update_ephemeral(&client, path, data).await
+                    } else {
+                        create_ephemeral(&client, path, data).await
+                    }
+                })
+                .await
             }
-        })
-        .await;
-        if result.is_ok() {
-            lock(&shared.owned).insert(c.path, c.data);
+        };
+        if result.is_ok()
+            && let Op::Create(data) | Op::Update(data) = w.op
+        {
+            lock(&shared.owned).insert(w.path, data);
         }
-        let _ = c.done.send(result);
+        let _ = w.done.send(result);
     });
     futures_util::future::join_all(singles).await;
 }
@@ -457,12 +469,12 @@ impl ZkSession {
             stop,
         });
         let keeper = tokio::spawn(keep(shared.clone()));
-        let (creations, queue) = mpsc::channel(QUEUED_MAX);
-        tokio::spawn(batch_creations(shared.clone(), queue));
+        let (writes, queue) = mpsc::channel(QUEUED_MAX);
+        tokio::spawn(batch_writes(shared.clone(), queue));
         Ok(ZkSession {
             shared,
             keeper: Mutex::new(Some(keeper)),
-            creations,
+            writes,
         })
     }
 
@@ -506,7 +518,7 @@ impl ZkSession {
     /// (one `multi` transaction per `MULTI_MAX` nodes); a node this session already holds is
     /// updated instead.
     pub async fn register(&self, path: &str, data: Vec<u8>) -> Result<(), ZkError> {
-        self.write(path, data, false).await
+        self.write(path, Op::Create(data)).await
     }
 
     /// [`ZkSession::register`] for a process's own identity node: while another session holds
@@ -535,25 +547,22 @@ impl ZkSession {
         }
     }
 
-    async fn write(&self, path: &str, data: Vec<u8>, update: bool) -> Result<(), ZkError> {
+    /// Queues a write for the batcher and waits for its answer.
+    async fn write(&self, path: &str, op: Op) -> Result<(), ZkError> {
         let (done, result) = oneshot::channel();
-        let creation = Creation {
+        let write = Write {
             path: path.to_owned(),
-            data,
-            update,
+            op,
             done,
         };
-        self.creations
-            .send(creation)
-            .await
-            .map_err(|_| ZkError::Closed)?;
+        self.writes.send(write).await.map_err(|_| ZkError::Closed)?;
         result.await.unwrap_or(Err(ZkError::Closed))
     }
 
     /// Rewrites the data of a node this process registered (creating it again if it is
     /// gone), kept across session expiry like [`ZkSession::register`]'s; batched the same way.
     pub async fn update(&self, path: &str, data: Vec<u8>) -> Result<(), ZkError> {
-        self.write(path, data, true).await
+        self.write(path, Op::Update(data)).await
     }
 
     /// Registers many nodes, pipelined over the one connection (bounded in flight), not one
@@ -564,10 +573,11 @@ impl ZkSession {
         Ok(())
     }
 
-    /// Deletes a node this process registered; it is not recreated any more.
+    /// Deletes a node this process registered; it is not recreated any more. Batched like
+    /// [`ZkSession::register`]: a storm of clients leaving is a few transactions.
     pub async fn deregister(&self, path: &str) -> Result<(), ZkError> {
         lock(&self.shared.owned).remove(path);
-        delete(&self.shared, path).await
+        self.write(path, Op::Delete).await
     }
 
     /// Paths this process owns.

@@ -307,7 +307,7 @@ async fn a_storm_of_registrations_is_pipelined_and_all_land() {
 /// All nodes created by one `multi` transaction share its zxid: the distinct creation zxids
 /// of a storm's nodes count the transactions it took.
 #[tokio::test]
-async fn registrations_queued_together_go_in_few_transactions() {
+async fn registrations_and_deregistrations_queued_together_go_in_few_transactions() {
     let zk = ZooKeeper::start().unwrap();
     let root = format!("/{}", unique_name("t"));
     let session = ZkSession::connect(config(&zk), &CancellationToken::new())
@@ -335,6 +335,29 @@ async fn registrations_queued_together_go_in_few_transactions() {
         paths.len(),
         transactions.len()
     );
+
+    // Leaving together is batched too. Each transaction takes one zxid: the creation zxids
+    // of two nodes made before and after the deregistrations count the ones between.
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    let (before, _) = look
+        .create(&format!("{root}/before"), &[], &persistent)
+        .await
+        .unwrap();
+    let results =
+        futures_util::future::join_all(paths.iter().map(|path| session.deregister(path))).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let (after, _) = look
+        .create(&format!("{root}/after"), &[], &persistent)
+        .await
+        .unwrap();
+    let between = after.czxid - before.czxid - 1;
+    assert!(
+        (fewest as i64..=2 * fewest as i64).contains(&between),
+        "{} deregistrations took {between} transactions (at best {fewest})",
+        paths.len()
+    );
+    assert!(look.get_children(&parent).await.unwrap().0.is_empty());
+    assert!(session.owned().is_empty());
     session.close().await;
 }
 

@@ -110,6 +110,8 @@ pub struct ZkSession {
 struct Write {
     path: String,
     op: Op,
+    /// When it was queued: how long the first waiting write has waited.
+    queued: tokio::time::Instant,
     done: oneshot::Sender<Result<(), ZkError>>,
 }
 
@@ -128,8 +130,8 @@ enum Op {
 /// here: about 1,000 lone creates per second, 16,000–50,000 batched).
 ///
 /// A transaction goes as soon as there is anything to write and none is in flight. A further
-/// one goes only once a full transaction is waiting, or once the first waiting registration
-/// has waited [`PIPELINE_AFTER`] (a slow server: its log on a busy disk, a batch retried on
+/// one goes only once a full transaction is waiting, or once the first waiting write has
+/// waited [`PIPELINE_AFTER`] (a slow server: its log on a busy disk, a batch retried on
 /// its own), up to [`MULTIS_IN_FLIGHT`]. Against a fast server that keeps one transaction in
 /// flight and makes each as large as the arrivals allow: per registration, ZooKeeper's cost is
 /// mostly its share of a transaction's hand-offs between threads and its log write. A
@@ -138,22 +140,18 @@ enum Op {
 async fn batch_writes(shared: Arc<Shared>, mut queue: mpsc::Receiver<Write>) {
     let mut writing = FuturesUnordered::new();
     let mut waiting: Vec<Write> = Vec::new();
-    let mut waiting_since = tokio::time::Instant::now();
     let mut open = true;
     loop {
         while waiting.len() < MULTI_MAX {
             match queue.try_recv() {
-                Ok(c) => {
-                    if waiting.is_empty() {
-                        waiting_since = tokio::time::Instant::now();
-                    }
-                    waiting.push(c);
-                }
+                Ok(write) => waiting.push(write),
                 Err(_) => break,
             }
         }
+        let pipeline_at = waiting.first().map(|w| w.queued + PIPELINE_AFTER);
         let pipelined = writing.len() < MULTIS_IN_FLIGHT
-            && (waiting.len() >= MULTI_MAX || waiting_since.elapsed() >= PIPELINE_AFTER);
+            && (waiting.len() >= MULTI_MAX
+                || pipeline_at.is_some_and(|at| at <= tokio::time::Instant::now()));
         if !waiting.is_empty() && (writing.is_empty() || pipelined) {
             writing.push(write_batch(&shared, std::mem::take(&mut waiting)));
             continue;
@@ -164,16 +162,11 @@ async fn batch_writes(shared: Arc<Shared>, mut queue: mpsc::Receiver<Write>) {
         let can_pipeline = !waiting.is_empty() && writing.len() < MULTIS_IN_FLIGHT;
         tokio::select! {
             Some(()) = writing.next(), if !writing.is_empty() => {}
-            creation = queue.recv(), if open && waiting.len() < MULTI_MAX => match creation {
-                Some(c) => {
-                    if waiting.is_empty() {
-                        waiting_since = tokio::time::Instant::now();
-                    }
-                    waiting.push(c);
-                }
+            write = queue.recv(), if open && waiting.len() < MULTI_MAX => match write {
+                Some(write) => waiting.push(write),
                 None => open = false,
             },
-            () = tokio::time::sleep_until(waiting_since + PIPELINE_AFTER), if can_pipeline => {}
+            () = tokio::time::sleep_until(pipeline_at.unwrap_or_else(tokio::time::Instant::now)), if can_pipeline => {}
             () = shared.stop.cancelled() => break,
         }
     }
@@ -553,6 +546,7 @@ impl ZkSession {
         let write = Write {
             path: path.to_owned(),
             op,
+            queued: tokio::time::Instant::now(),
             done,
         };
         self.writes.send(write).await.map_err(|_| ZkError::Closed)?;

@@ -148,10 +148,13 @@ async fn batch_writes(shared: Arc<Shared>, mut queue: mpsc::Receiver<Write>) {
                 Err(_) => break,
             }
         }
-        let pipeline_at = waiting.first().map(|w| w.queued + PIPELINE_AFTER);
-        let pipelined = writing.len() < MULTIS_IN_FLIGHT
-            && (waiting.len() >= MULTI_MAX
-                || pipeline_at.is_some_and(|at| at <= tokio::time::Instant::now()));
+        // Set while writes wait and another transaction may go beside those in flight.
+        let pipeline_at = waiting
+            .first()
+            .filter(|_| writing.len() < MULTIS_IN_FLIGHT)
+            .map(|w| w.queued + PIPELINE_AFTER);
+        let pipelined = pipeline_at
+            .is_some_and(|at| waiting.len() >= MULTI_MAX || at <= tokio::time::Instant::now());
         if !waiting.is_empty() && (writing.is_empty() || pipelined) {
             writing.push(write_batch(&shared, std::mem::take(&mut waiting)));
             continue;
@@ -159,14 +162,13 @@ async fn batch_writes(shared: Arc<Shared>, mut queue: mpsc::Receiver<Write>) {
         if !open && waiting.is_empty() && writing.is_empty() {
             return;
         }
-        let can_pipeline = !waiting.is_empty() && writing.len() < MULTIS_IN_FLIGHT;
         tokio::select! {
             Some(()) = writing.next(), if !writing.is_empty() => {}
             write = queue.recv(), if open && waiting.len() < MULTI_MAX => match write {
                 Some(write) => waiting.push(write),
                 None => open = false,
             },
-            () = tokio::time::sleep_until(pipeline_at.unwrap_or_else(tokio::time::Instant::now)), if can_pipeline => {}
+            () = tokio::time::sleep_until(pipeline_at.unwrap_or_else(tokio::time::Instant::now)), if pipeline_at.is_some() => {}
             () = shared.stop.cancelled() => break,
         }
     }

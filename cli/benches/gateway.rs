@@ -20,7 +20,9 @@
 //! - fan-out, to the second storm's clients: `UPDATES` results go in at `RATE` per second (to
 //!   the gateway over ZeroMQ, as an engine sends them; to the peer over a publisher WebSocket)
 //!   and each client's receive time is taken against the send time. The peer gets the very
-//!   text the gateway sends its clients, so each delivery is the same size on both.
+//!   text the gateway sends its clients, so each delivery is the same size on both. The
+//!   clients are read by two plain threads that never sleep inside `epoll_wait`, so that the
+//!   server's writes do not also pay for waking them (see [`readers`]).
 //!
 //! Then the same fan-out against a **floor**: this binary again (`--floor-server PORT`), a
 //! server that does nothing but one blocking `write(2)` of a ready frame per client, from two
@@ -179,67 +181,72 @@ impl Ws {
     /// The next text frame (pings answered on the way).
     async fn next(&mut self) -> std::io::Result<Frame> {
         loop {
-            let avail = &self.buf[self.start..self.end];
-            if avail.len() >= 2 {
-                let opcode = avail[0] & 0x0f;
-                let (len, header) = match avail[1] & 0x7f {
-                    126 if avail.len() >= 4 => {
-                        (usize::from(u16::from_be_bytes([avail[2], avail[3]])), 4)
+            if let Some((opcode, payload)) = parse_frame(&self.buf[self.start..self.end]) {
+                let payload = self.start + payload.start..self.start + payload.end;
+                self.start = payload.end;
+                match opcode {
+                    0x1 => return Ok(Frame::Text(payload)),
+                    0x8 => return Ok(Frame::Closed),
+                    0x9 => {
+                        let pong = masked_frame(0xA, &self.buf[payload]);
+                        self.stream.write_all(&pong).await?;
                     }
-                    127 if avail.len() >= 10 => {
-                        let mut be = [0u8; 8];
-                        be.copy_from_slice(&avail[2..10]);
-                        (
-                            usize::try_from(u64::from_be_bytes(be)).unwrap_or(usize::MAX),
-                            10,
-                        )
-                    }
-                    126 | 127 => (0, 0), // the extended length is not all here yet
-                    short => (usize::from(short), 2),
-                };
-                if header > 0 && avail.len() - header >= len {
-                    let payload = self.start + header..self.start + header + len;
-                    self.start = payload.end;
-                    match opcode {
-                        0x1 => return Ok(Frame::Text(payload)),
-                        0x8 => return Ok(Frame::Closed),
-                        0x9 => {
-                            let data = self.buf[payload].to_vec();
-                            self.send(0xA, &data).await?;
-                        }
-                        _ => {}
-                    }
-                    continue;
+                    _ => {}
                 }
+                continue;
             }
             self.fill().await?;
         }
     }
 
-    /// Sends a masked frame (clients must mask; the key's value does not matter here).
+    /// Sends a masked frame.
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
-        let mask = [0x5a, 0x17, 0xc3, 0x8e];
-        let mut frame = Vec::with_capacity(payload.len() + 14);
-        frame.push(0x80 | opcode);
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&frame).await
+        self.stream.write_all(&masked_frame(opcode, payload)).await
     }
 
     fn text(&self, range: &std::ops::Range<usize>) -> &[u8] {
         &self.buf[range.clone()]
     }
+}
+
+/// The first frame in `avail` when all of it is there: its opcode and its payload's range.
+/// Server frames are unmasked and, here, never fragmented.
+fn parse_frame(avail: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
+    let (&first, rest) = avail.split_first()?;
+    let (len, header): (usize, usize) = match rest.first()? & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes(avail.get(2..4)?.try_into().ok()?)),
+            4,
+        ),
+        127 => {
+            let be: [u8; 8] = avail.get(2..10)?.try_into().ok()?;
+            (usize::try_from(u64::from_be_bytes(be)).ok()?, 10)
+        }
+        short => (usize::from(short), 2),
+    };
+    let end = header.checked_add(len)?;
+    (avail.len() >= end).then_some((first & 0x0f, header..end))
+}
+
+/// A masked client frame (clients must mask; the key's value does not matter here).
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5a, 0x17, 0xc3, 0x8e];
+    let mut frame = Vec::with_capacity(payload.len() + 14);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
 }
 
 async fn bench() {
@@ -538,6 +545,210 @@ mod floor {
     }
 }
 
+/// The fan-out's clients, read on plain threads (no tasks, no runtime).
+///
+/// On loopback the server's `write` runs the client's TCP input and, when the reading
+/// thread sleeps in `epoll_wait`, its wake-up too: the kernel's cross-core wake-up, paid by
+/// the server under test, where a remote client's would be paid on the client's machine. So
+/// a reader here never sleeps in `epoll_wait`: it asks it what is ready without waiting, and
+/// when nothing is, naps for [`NAP`] outside it. Sleeping that way, nobody waits on the
+/// sockets and the server's writes wake nobody; a delivery is seen at most a nap late.
+///
+/// Each reader thread takes its share of the clients and reads each socket once per readiness
+/// edge: a read that returns less than there was room for has emptied the socket (the next
+/// bytes raise a new edge), so there is no second read to learn that it would block.
+mod readers {
+    use std::io::{ErrorKind, Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    use mio::{Events, Interest, Poll, Token};
+
+    use super::{Fanout, UPDATES, Ws, masked_frame, parse_frame, seq_of};
+
+    pub const THREADS: usize = 2;
+    /// How long a reader with nothing ready sleeps before it asks again.
+    const NAP: Duration = Duration::from_micros(250);
+    const READ_BUF: usize = 4096;
+
+    /// One client: its socket and what it has read but not parsed.
+    struct Client {
+        stream: mio::net::TcpStream,
+        buf: Vec<u8>,
+        end: usize,
+        latencies: Vec<u32>,
+        warmed: bool,
+        done: bool,
+    }
+
+    /// What a reader thread hands back: the measured deliveries (µs), its latest receive
+    /// time (ns after the fan-out's base), and its sockets, closed only once every client
+    /// is done (see [`super::measure`]).
+    pub struct Taken {
+        pub latencies: Vec<u32>,
+        pub last_ns: u64,
+        pub sockets: Vec<mio::net::TcpStream>,
+    }
+
+    /// Starts [`THREADS`] readers, the clients dealt to them in turn.
+    pub fn spawn(clients: Vec<Ws>, fanout: &Arc<Fanout>) -> Vec<JoinHandle<Taken>> {
+        let mut shares: Vec<Vec<Client>> = (0..THREADS).map(|_| Vec::new()).collect();
+        for (i, ws) in clients.into_iter().enumerate() {
+            let Ws {
+                stream,
+                mut buf,
+                start,
+                end,
+            } = ws;
+            // What came after the welcome (snapshots) is read first, as the async client would.
+            buf.copy_within(start..end, 0);
+            buf.resize(READ_BUF.max(buf.len()), 0);
+            let stream = stream.into_std().unwrap();
+            shares[i % THREADS].push(Client {
+                stream: mio::net::TcpStream::from_std(stream),
+                buf,
+                end: end - start,
+                latencies: Vec::with_capacity(UPDATES as usize),
+                warmed: false,
+                done: false,
+            });
+        }
+        shares
+            .into_iter()
+            .map(|share| {
+                let fanout = fanout.clone();
+                std::thread::spawn(move || read(share, &fanout))
+            })
+            .collect()
+    }
+
+    fn read(mut clients: Vec<Client>, fanout: &Fanout) -> Taken {
+        let mut poll = Poll::new().unwrap();
+        for (i, client) in clients.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut client.stream, Token(i), Interest::READABLE)
+                .unwrap();
+        }
+        let mut last_ns = 0;
+        // Bytes already here (after the welcome) first.
+        for client in &mut clients {
+            client.parse(fanout, &mut last_ns);
+        }
+        let mut open = clients.iter().filter(|c| !c.done).count();
+        let mut events = Events::with_capacity(1024);
+        while open > 0 && !fanout.stop.is_cancelled() {
+            poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+            if events.is_empty() {
+                std::thread::sleep(NAP);
+                continue;
+            }
+            for event in &events {
+                let client = &mut clients[event.token().0];
+                if client.done {
+                    continue;
+                }
+                client.receive(fanout, &mut last_ns);
+                if client.done {
+                    open -= 1;
+                }
+            }
+        }
+        let mut latencies = Vec::with_capacity(clients.len() * UPDATES as usize);
+        let mut sockets = Vec::with_capacity(clients.len());
+        for client in clients {
+            latencies.extend(client.latencies);
+            sockets.push(client.stream);
+        }
+        Taken {
+            latencies,
+            last_ns,
+            sockets,
+        }
+    }
+
+    impl Client {
+        /// Reads what the socket has (all of it: see the module docs) and parses it.
+        fn receive(&mut self, fanout: &Fanout, last_ns: &mut u64) {
+            loop {
+                if self.end == self.buf.len() {
+                    self.buf.resize(self.buf.len() * 2, 0);
+                }
+                let room = self.buf.len() - self.end;
+                match self.stream.read(&mut self.buf[self.end..]) {
+                    Ok(0) => {
+                        self.done = true;
+                        return;
+                    }
+                    Ok(n) => {
+                        self.end += n;
+                        self.parse(fanout, last_ns);
+                        if n < room || self.done {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        self.done = true;
+                        return;
+                    }
+                }
+            }
+        }
+
+        /// Takes every whole frame out of the buffer.
+        fn parse(&mut self, fanout: &Fanout, last_ns: &mut u64) {
+            let mut start = 0;
+            while let Some((opcode, payload)) = parse_frame(&self.buf[start..self.end]) {
+                let payload = start + payload.start..start + payload.end;
+                start = payload.end;
+                match opcode {
+                    0x1 => self.done = self.on_text(payload, fanout, last_ns),
+                    0x8 => self.done = true,
+                    // A pong is a few bytes into an empty send buffer: it goes at once or
+                    // the connection is broken, which the next read says.
+                    0x9 => {
+                        let _ = self.stream.write(&masked_frame(0xA, &self.buf[payload]));
+                    }
+                    _ => {}
+                }
+                if self.done {
+                    return;
+                }
+            }
+            self.buf.copy_within(start..self.end, 0);
+            self.end -= start;
+        }
+
+        /// A text frame: its delivery time, if it is a measured update; true after the last.
+        fn on_text(
+            &mut self,
+            payload: std::ops::Range<usize>,
+            fanout: &Fanout,
+            last_ns: &mut u64,
+        ) -> bool {
+            let Some(seq) = seq_of(&self.buf[payload]) else {
+                return false;
+            };
+            let now = fanout.base.elapsed().as_nanos() as u64;
+            if !self.warmed {
+                self.warmed = true;
+                fanout.warmed.fetch_add(1, Ordering::Relaxed);
+            }
+            if !(1..=UPDATES).contains(&seq) {
+                return false;
+            }
+            let sent = fanout.sent_ns[seq as usize].load(Ordering::Acquire);
+            self.latencies
+                .push((now.saturating_sub(sent) / 1_000) as u32);
+            *last_ns = (*last_ns).max(now);
+            seq == UPDATES
+        }
+    }
+}
+
 /// Resident set size of a process, bytes.
 fn rss(pid: u32) -> u64 {
     let status =
@@ -669,43 +880,7 @@ struct Fanout {
     sent_ns: Vec<AtomicU64>,
     /// Clients that received anything (the warm-up).
     warmed: AtomicUsize,
-    /// Latest receive time, ns after `base`.
-    last_ns: AtomicU64,
     stop: CancellationToken,
-}
-
-/// Reads one client's messages until the last update or `stop`; returns its delivery times
-/// (µs) of the measured updates, and its connection: closed only once every client is done,
-/// or the first ones to finish would close theirs while the last update still goes to the
-/// rest (10,000 closes and deregistrations, measured as that update's p99 of 320 ms when
-/// the others' was 80–95 ms).
-async fn client(mut ws: Ws, fanout: Arc<Fanout>) -> (Vec<u32>, Ws) {
-    let mut latencies = Vec::with_capacity(UPDATES as usize);
-    let mut warmed = false;
-    loop {
-        let frame = tokio::select! {
-            _ = fanout.stop.cancelled() => break,
-            frame = ws.next() => frame,
-        };
-        let Ok(Frame::Text(range)) = frame else { break };
-        let Some(seq) = seq_of(ws.text(&range)) else {
-            continue;
-        };
-        let now = fanout.base.elapsed().as_nanos() as u64;
-        if !warmed {
-            warmed = true;
-            fanout.warmed.fetch_add(1, Ordering::Relaxed);
-        }
-        if (1..=UPDATES).contains(&seq) {
-            let sent = fanout.sent_ns[seq as usize].load(Ordering::Acquire);
-            latencies.push((now.saturating_sub(sent) / 1_000) as u32);
-            fanout.last_ns.fetch_max(now, Ordering::Relaxed);
-            if seq == UPDATES {
-                break;
-            }
-        }
-    }
-    (latencies, ws)
 }
 
 /// Sends updates to a server: over ZeroMQ as an engine, or over the peer's publisher socket.
@@ -852,13 +1027,9 @@ async fn measure(
         base: Instant::now(),
         sent_ns: (0..=UPDATES).map(|_| AtomicU64::new(0)).collect(),
         warmed: AtomicUsize::new(0),
-        last_ns: AtomicU64::new(0),
         stop: CancellationToken::new(),
     });
-    let readers: Vec<_> = sockets
-        .into_iter()
-        .map(|ws| tokio::spawn(client(ws, fanout.clone())))
-        .collect();
+    let readers = readers::spawn(sockets, &fanout);
     let mut publisher = Publisher::connect(server).await;
 
     // Warm-up: update 0 until every client has one (subscriptions are in place).
@@ -891,11 +1062,18 @@ async fn measure(
         })
     };
     let mut latencies: Vec<u32> = Vec::with_capacity(n * UPDATES as usize);
+    let mut last_ns = 0;
+    // Sockets are closed only once every client is done, or the first ones to finish would
+    // close theirs while the last update still goes to the rest (10,000 closes and
+    // deregistrations, measured as that update's p99 of 320 ms when the others' was 80–95 ms).
     let mut done = Vec::with_capacity(n);
     for reader in readers {
-        let (mine, ws) = reader.await.unwrap();
-        latencies.extend(mine);
-        done.push(ws);
+        let read = tokio::task::spawn_blocking(move || reader.join().unwrap())
+            .await
+            .unwrap();
+        latencies.extend(read.latencies);
+        last_ns = last_ns.max(read.last_ns);
+        done.push(read.sockets);
     }
     stopper.abort();
     // Not a figure of the last line, but what a server holds for clients that have had
@@ -914,11 +1092,7 @@ async fn measure(
     );
     latencies.sort_unstable();
     let delivered = latencies.len();
-    let span_secs = (fanout
-        .last_ns
-        .load(Ordering::Relaxed)
-        .saturating_sub(first_sent)) as f64
-        / 1e9;
+    let span_secs = last_ns.saturating_sub(first_sent) as f64 / 1e9;
     let figures = Figures {
         connects_per_sec,
         cold_connects_per_sec,

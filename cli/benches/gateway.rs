@@ -181,8 +181,7 @@ impl Ws {
     /// The next text frame (pings answered on the way).
     async fn next(&mut self) -> std::io::Result<Frame> {
         loop {
-            if let Some((opcode, payload)) = parse_frame(&self.buf[self.start..self.end]) {
-                let payload = self.start + payload.start..self.start + payload.end;
+            if let Some((opcode, payload)) = parse_frame(&self.buf[..self.end], self.start) {
                 self.start = payload.end;
                 match opcode {
                     0x1 => return Ok(Frame::Text(payload)),
@@ -209,9 +208,10 @@ impl Ws {
     }
 }
 
-/// The first frame in `avail` when all of it is there: its opcode and its payload's range.
-/// Server frames are unmasked and, here, never fragmented.
-fn parse_frame(avail: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
+/// The frame at `buf[from..]` when all of it is there: its opcode and its payload's range
+/// in `buf`. Server frames are unmasked and, here, never fragmented.
+fn parse_frame(buf: &[u8], from: usize) -> Option<(u8, std::ops::Range<usize>)> {
+    let avail = buf.get(from..)?;
     let (&first, rest) = avail.split_first()?;
     let (len, header): (usize, usize) = match rest.first()? & 0x7f {
         126 => (
@@ -225,7 +225,7 @@ fn parse_frame(avail: &[u8]) -> Option<(u8, std::ops::Range<usize>)> {
         short => (usize::from(short), 2),
     };
     let end = header.checked_add(len)?;
-    (avail.len() >= end).then_some((first & 0x0f, header..end))
+    (avail.len() >= end).then_some((first & 0x0f, from + header..from + end))
 }
 
 /// A masked client frame (clients must mask; the key's value does not matter here).
@@ -571,7 +571,6 @@ mod readers {
     pub const THREADS: usize = 2;
     /// How long a reader with nothing ready sleeps before it asks again.
     const NAP: Duration = Duration::from_micros(250);
-    const READ_BUF: usize = 4096;
 
     /// One client: its socket and what it has read but not parsed.
     struct Client {
@@ -604,7 +603,6 @@ mod readers {
             } = ws;
             // What came after the welcome (snapshots) is read first, as the async client would.
             buf.copy_within(start..end, 0);
-            buf.resize(READ_BUF.max(buf.len()), 0);
             let stream = stream.into_std().unwrap();
             shares[i % THREADS].push(Client {
                 stream: mio::net::TcpStream::from_std(stream),
@@ -701,8 +699,7 @@ mod readers {
         /// Takes every whole frame out of the buffer.
         fn parse(&mut self, fanout: &Fanout, last_ns: &mut u64) {
             let mut start = 0;
-            while let Some((opcode, payload)) = parse_frame(&self.buf[start..self.end]) {
-                let payload = start + payload.start..start + payload.end;
+            while let Some((opcode, payload)) = parse_frame(&self.buf[..self.end], start) {
                 start = payload.end;
                 match opcode {
                     0x1 => self.done = self.on_text(payload, fanout, last_ns),
